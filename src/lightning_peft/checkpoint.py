@@ -1,0 +1,149 @@
+"""Adapter files in the HF PEFT on-disk format, safetensors only, written atomically.
+
+A directory holds ``adapter_config.json`` and ``adapter_model.safetensors``. Keys are PEFT's:
+``base_model.model.<module path>.lora_A.weight``, ``...lora_B.weight``,
+``...lora_magnitude_vector`` (DoRA), ``...lora_embedding_A`` / ``_B`` (embeddings), and the
+module's own keys for ``modules_to_save`` copies and trained biases; the adapter name is not in
+the file. Both libraries read each other's directories.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import LoraConfig
+from .inject import adapter_configs, adapter_modules, adapter_parameters, delete_adapter, inject_adapters, set_adapter
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+KEY_PREFIX = "base_model.model."
+
+
+def adapter_tensors(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """``{key in the PEFT file: live tensor}`` for everything that belongs to ``adapter_name``."""
+    tensors: dict[str, torch.Tensor] = {}
+    owned: set[int] = set()
+    for path, module in adapter_modules(model):
+        if adapter_name in module.adapter_names():
+            for key, tensor in module.adapter_state(adapter_name).items():
+                tensors[f"{KEY_PREFIX}{path}.{key}"] = tensor
+                owned.add(id(tensor))
+    for name, param in adapter_parameters(model, adapter_name).items():
+        if id(param) not in owned:  # biases freed by the config's ``bias`` setting
+            tensors[KEY_PREFIX + name] = param
+    return tensors
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(tmp)`` on a temporary file beside ``path``, flush it to disk, then rename it
+    over ``path``: a crash leaves either the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+    """Write adapter ``adapter_name`` of ``model`` to ``directory`` (created if needed).
+
+    The weights are written before the config, each atomically, so a reader never sees a config
+    that points at missing weights. Returns the directory."""
+    configs = adapter_configs(model)
+    if adapter_name not in configs:
+        raise ValueError(f"no adapter named {adapter_name!r} to save; this model has {list(configs)}.")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: t.detach().to("cpu").contiguous() for k, t in adapter_tensors(model, adapter_name).items()}
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    config = configs[adapter_name].to_dict()
+    config["base_model_name_or_path"] = getattr(model, "name_or_path", None) or None
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(text))
+    return directory
+
+
+def _read_weights(directory: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        pickled = [directory / n for n in PICKLE_NAMES if (directory / n).is_file()]
+        if pickled and not allow_pickle:
+            raise ValueError(f"{pickled[0]} is a pickled adapter; lightning-peft loads safetensors only, because "
+                             f"unpickling can run arbitrary code. Convert it once where you trust the file "
+                             f"(safetensors.torch.save_file(torch.load(path, weights_only=True), "
+                             f"'{WEIGHTS_NAME}')), or pass allow_pickle=True to read it with "
+                             f"torch.load(weights_only=True).")
+        if pickled:
+            return torch.load(pickled[0], map_location="cpu", weights_only=True)
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}; save_adapter writes one beside {CONFIG_NAME}.")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"cannot read adapter weights {path}: the file is truncated or corrupt ({err}). "
+                         f"Save the adapter again or restore the file.") from None
+
+
+def _check_against(expected: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], source: Path) -> None:
+    missing = sorted(expected.keys() - loaded.keys())
+    unexpected = sorted(loaded.keys() - expected.keys())
+    mismatched = [f"{k}: file {tuple(loaded[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in sorted(expected.keys() & loaded.keys()) if loaded[k].shape != expected[k].shape]
+    if not (missing or unexpected or mismatched):
+        return
+    lines = [f"adapter weights {source} do not fit this model:"]
+    for title, items in (("shape mismatch", mismatched), ("missing from the file", missing),
+                         ("in the file but not in the model", unexpected)):
+        if items:
+            lines.append(f"  {title} ({len(items)}): " + "; ".join(items[:8]) + (" ..." if len(items) > 8 else ""))
+    lines.append("Load the adapter into the architecture (and config) it was trained on.")
+    raise ValueError("\n".join(lines))
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
+                 trainable: bool = False, allow_pickle: bool = False) -> nn.Module:
+    """Read an adapter directory (ours or HF PEFT's) into ``model`` in place and make it active.
+
+    Reads the config, injects adapter ``adapter_name`` as it describes, then copies the weights.
+    Every key and shape is checked first; on any mismatch the injection is undone and one error
+    lists the offending keys. ``trainable=False`` freezes the adapter (inference, DPO reference);
+    ``True`` makes it the only thing that trains. Returns ``model``.
+    """
+    directory = Path(directory)
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not an adapter directory "
+                                f"(save_adapter or PEFT's save_pretrained write one).")
+    try:
+        config = LoraConfig.from_dict(json.loads(config_path.read_text()), source=str(config_path))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path} is not valid JSON ({err}).") from None
+    loaded = _read_weights(directory, allow_pickle)
+    # the file holds trained values: skip PiSSA's SVD (it would also rewrite the base weights)
+    inject_adapters(model, dataclasses.replace(config, init_lora_weights=True), adapter_name)
+    adapter_configs(model)[adapter_name] = dataclasses.replace(
+        adapter_configs(model)[adapter_name], init_lora_weights=config.init_lora_weights)
+    expected = adapter_tensors(model, adapter_name)
+    try:
+        _check_against(expected, loaded, directory / WEIGHTS_NAME)
+    except ValueError:
+        delete_adapter(model, adapter_name)
+        raise
+    with torch.no_grad():
+        for key, tensor in expected.items():
+            tensor.copy_(loaded[key].to(tensor.dtype))
+    set_adapter(model, adapter_name, trainable=trainable)
+    return model

@@ -1,0 +1,242 @@
+"""Put adapters into a model in place, pick the active one, switch them off, freeze the rest.
+
+Works on any ``torch.nn.Module`` (no Trainer needed). Targeted layers are replaced by an
+adapter module that wraps them (``q_proj`` becomes ``LoraLayer(base_layer=q_proj)``), so module
+paths and state-dict keys match HF PEFT's in-memory layout. The configs of the injected adapters
+are kept on the model as ``model.lp_adapter_configs`` (``{adapter name: config}``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from contextlib import contextmanager
+from typing import Iterator
+
+from torch import nn
+
+from .config import LoraConfig
+from .methods import AdapterModule, LoraLayer, ModulesToSave
+from .methods.lora import base_kind
+
+CONFIGS_ATTR = "lp_adapter_configs"
+
+
+# ---------------------------------------------------------------------------- model inspection
+def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
+    """``{adapter name: config}`` of the adapters injected into ``model`` (empty if none)."""
+    return getattr(model, CONFIGS_ATTR, {})
+
+
+def adapter_modules(model: nn.Module) -> Iterator[tuple[str, AdapterModule]]:
+    """``(path, module)`` of every adapter module in ``model``."""
+    for path, module in model.named_modules():
+        if isinstance(module, AdapterModule):
+            yield path, module
+
+
+def _user_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """``(path, module)`` of the user's own modules: adapter modules count as the layer they
+    wrap, and their internals (``base_layer``, ``lora_A``, ...) are not listed."""
+    for name, child in model.named_children():
+        path = f"{prefix}{name}"
+        yield path, child
+        if not isinstance(child, AdapterModule):
+            yield from _user_modules(child, path + ".")
+
+
+def _matches(names, path: str) -> bool:
+    """PEFT's rule: a string is a regex on the full path; a list entry matches the path itself or
+    a dotted suffix of it (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``)."""
+    if isinstance(names, str):
+        return re.fullmatch(names, path) is not None
+    return any(path == n or path.endswith("." + n) for n in names)
+
+
+def _pattern_value(pattern: dict, path: str, default):
+    """The value of the first ``pattern`` key matching the end of ``path`` (PEFT's ``(.*\\.)?(key)$``)."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, LoraLayer) else module
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    getter = getattr(model, "get_output_embeddings", None)
+    return _unwrap(getter()) if callable(getter) and getter() is not None else None
+
+
+def _closest(name: str, paths: list[str]) -> list[str]:
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    return difflib.get_close_matches(name, leaves, n=5, cutoff=0.5) or difflib.get_close_matches(
+        name, paths, n=5, cutoff=0.4)
+
+
+def _find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+    modules = list(_user_modules(model))
+    paths = [p for p, _ in modules]
+    saved = config.modules_to_save or []
+    candidates = [(p, m) for p, m in modules
+                  if not (config.exclude_modules and _matches(config.exclude_modules, p))
+                  and not (saved and _matches(saved, p))]
+    if config.target_modules == "all-linear":
+        head = _output_head(model)
+        targets = [(p, m) for p, m in candidates
+                   if base_kind(_unwrap(m)) in ("linear", "conv1d") and _unwrap(m) is not head
+                   and not (head is None and p.rsplit(".", 1)[-1] == "lm_head")]
+        if not targets:
+            raise ValueError(f'target_modules="all-linear" found no nn.Linear / Conv1D layer in '
+                             f"{type(model).__name__}; name the layers to adapt instead.")
+        return targets
+    targets = [(p, m) for p, m in candidates if _matches(config.target_modules, p)]
+    wanted = [config.target_modules] if isinstance(config.target_modules, str) else [[n] for n in config.target_modules]
+    for names in wanted:
+        if not any(_matches(names, p) for p, _ in targets):
+            name = names if isinstance(names, str) else names[0]
+            raise ValueError(f"target module {name!r} matches no module of {type(model).__name__}. "
+                             f"Closest module names: {_closest(name, paths)}. Fix target_modules "
+                             f'(names, dotted suffixes, a regex, or "all-linear").')
+    unsupported = [(p, type(m).__name__) for p, m in targets if base_kind(_unwrap(m)) is None]
+    if unsupported:
+        raise ValueError(f"target_modules selects modules LoRA cannot wrap: {unsupported[:5]}. LoRA wraps "
+                         f"nn.Linear, transformers Conv1D and nn.Embedding; narrow target_modules.")
+    return targets
+
+
+def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, child, new)
+
+
+# ----------------------------------------------------------------------------------- injection
+def inject_adapters(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
+    """Add adapter ``adapter_name`` to ``model`` in place, make it active, and freeze everything
+    else (see :func:`set_adapter`). Returns ``model`` itself.
+
+    Raises ``ValueError`` (before changing anything) for a name already in use, a target that
+    matches nothing (listing the closest module names) or a module type LoRA cannot wrap.
+    """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"inject_adapters expects a LoraConfig, got {type(config).__name__}.")
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter_name={adapter_name!r}: use a non-empty name without dots.")
+    configs = adapter_configs(model)
+    if adapter_name in configs:
+        raise ValueError(f"model already has an adapter named {adapter_name!r} (has {list(configs)}); "
+                         f"pick another adapter_name.")
+    _refuse_if_merged(model, "inject another adapter")
+    targets = _find_targets(model, config)
+    saved = [(p, m) for p, m in _user_modules(model)
+             if config.modules_to_save and _matches(config.modules_to_save, p)]
+    if config.modules_to_save and not saved:
+        raise ValueError(f"modules_to_save={config.modules_to_save} matches no module; closest names: "
+                         f"{_closest(config.modules_to_save[0], [p for p, _ in _user_modules(model)])}.")
+
+    for path, module in targets:
+        layer = LoraLayer.from_layer(module, fan_in_fan_out=config.fan_in_fan_out and isinstance(module, nn.Linear))
+        layer.add_adapter(adapter_name, r=_pattern_value(config.rank_pattern, path, config.r),
+                          lora_alpha=_pattern_value(config.alpha_pattern, path, config.lora_alpha),
+                          lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
+                          use_dora=config.use_dora, init_lora_weights=config.init_lora_weights)
+        layer.train(module.training)  # new dropout modules follow the model's train/eval mode
+        if layer is not module:
+            _replace(model, path, layer)
+    for path, module in saved:
+        wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
+        wrapper.add_adapter(adapter_name)
+        wrapper.train(module.training)
+        if wrapper is not module:
+            _replace(model, path, wrapper)
+
+    resolved = dataclasses.replace(config, target_modules=sorted(p for p, _ in targets),
+                                   fan_in_fan_out=config.fan_in_fan_out or any(
+                                       base_kind(_unwrap(m)) == "conv1d" for _, m in targets))
+    # a plain dict attribute (not a submodule): travels with the model, ignored by state_dict
+    object.__setattr__(model, CONFIGS_ATTR, {**configs, adapter_name: resolved})
+    set_adapter(model, adapter_name)
+    return model
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
+    """Remove adapter ``adapter_name``; a layer left with no adapter gets its original module back.
+
+    The remaining adapters keep their state; if the deleted one was active, the first remaining
+    one becomes active (or none, when it was the last)."""
+    configs = adapter_configs(model)
+    if adapter_name not in configs:
+        raise ValueError(f"no adapter named {adapter_name!r}; this model has {list(configs)}.")
+    _refuse_if_merged(model, "delete an adapter")
+    for path, module in list(adapter_modules(model)):
+        if adapter_name in module.adapter_names():
+            module.remove_adapter(adapter_name)
+        if not module.adapter_names():
+            _replace(model, path, getattr(module, module.wrapped_attr))
+    remaining = {k: v for k, v in configs.items() if k != adapter_name}
+    object.__setattr__(model, CONFIGS_ATTR, remaining)
+    if remaining:
+        set_adapter(model, next(iter(remaining)))
+    return model
+
+
+# ------------------------------------------------------------------------- switching, freezing
+def _refuse_if_merged(model: nn.Module, action: str) -> None:
+    merged = sorted({n for _, m in adapter_modules(model) for n in getattr(m, "merged", [])})
+    if merged:
+        raise RuntimeError(f"cannot {action}: adapters {merged} are merged into the base weights. "
+                           f"Call lightning_peft.unmerge_adapters(model) first.")
+
+
+def adapter_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
+    """``{state-dict name: parameter}`` of the tensors that train with adapter ``adapter_name``:
+    its adapter tensors, its ``modules_to_save`` copies and the biases its ``bias`` setting frees."""
+    config = adapter_configs(model)[adapter_name]
+    owned = {id(t) for _, m in adapter_modules(model) if adapter_name in m.adapter_names()
+             for t in m.adapter_state(adapter_name).values()}
+    params = {}
+    for name, param in model.named_parameters():
+        is_bias = name.endswith("bias") and ".lora_" not in name and ".modules_to_save." not in name
+        lora_bias = is_bias and name.endswith(".base_layer.bias")
+        if id(param) in owned or (config.bias == "all" and is_bias) or (config.bias == "lora_only" and lora_bias):
+            params[name] = param
+    return params
+
+
+def set_adapter(model: nn.Module, adapter_name: str, trainable: bool = True) -> nn.Module:
+    """Make ``adapter_name`` the active adapter of every adapter module, and (with ``trainable``)
+    the only thing that trains: its tensors get ``requires_grad=True``, every other parameter of
+    the model (base weights, other adapters) ``False``."""
+    configs = adapter_configs(model)
+    if adapter_name not in configs:
+        raise ValueError(f"no adapter named {adapter_name!r}; this model has {list(configs)}. "
+                         f"Inject or load it first.")
+    _refuse_if_merged(model, "switch adapters")
+    for _, module in adapter_modules(model):
+        module.active_adapter = adapter_name
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if trainable:
+        for param in adapter_parameters(model, adapter_name).values():
+            param.requires_grad_(True)
+    return model
+
+
+@contextmanager
+def disable_adapters(model: nn.Module):
+    """Within the block the model computes its base function, bit for bit (the DPO/GRPO reference
+    model, for free). The previous state comes back on exit, also when the block raises."""
+    _refuse_if_merged(model, "disable adapters")
+    modules = [m for _, m in adapter_modules(model)]
+    previous = [m.disabled for m in modules]
+    for module in modules:
+        module.disabled = True
+    try:
+        yield model
+    finally:
+        for module, was_disabled in zip(modules, previous):
+            module.disabled = was_disabled
+

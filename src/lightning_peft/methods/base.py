@@ -1,0 +1,52 @@
+"""What every adapter-carrying module has in common (a small protocol, not a class web).
+
+An adapter module wraps one module of the user's model and holds zero or more *named* adapters.
+``active_adapter`` picks which one runs; ``disabled`` switches all of them off (the base model's
+function, e.g. the DPO reference). ``adapter_state(name)`` lists that adapter's tensors under the
+local key names of the HF PEFT file format; saving, loading, freezing and reporting all go
+through it, so a new method only has to describe its tensors once.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+from torch import nn
+
+
+class AdapterModule(nn.Module, abc.ABC):
+    """Base of the modules that :func:`lightning_peft.inject_adapters` puts into a model."""
+
+    method = "adapter"  # short name used by adapter_report
+    wrapped_attr = "base_layer"  # the user's module this one wraps
+
+    def __getattr__(self, attr: str):
+        # Model code reads attributes of the layer it built (``q_proj.weight.dtype``,
+        # ``c_attn.nf``, ``lm_head.weight`` for tying): let them through to the wrapped module.
+        try:
+            return super().__getattr__(attr)
+        except AttributeError:
+            if attr == self.wrapped_attr:
+                raise
+            return getattr(super().__getattr__(self.wrapped_attr), attr)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active_adapter: str | None = None
+        self.disabled = False
+
+    @abc.abstractmethod
+    def adapter_names(self) -> list[str]:
+        """Names of the adapters this module holds, in insertion order."""
+
+    @abc.abstractmethod
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        """``{key in the PEFT file, relative to this module: tensor}`` for adapter ``name``."""
+
+    @abc.abstractmethod
+    def remove_adapter(self, name: str) -> None:
+        """Drop adapter ``name`` and its tensors."""
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapter_names()}, active={self.active_adapter!r}, disabled={self.disabled}"

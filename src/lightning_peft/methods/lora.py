@@ -1,0 +1,229 @@
+r"""LoRA, rsLoRA and DoRA as one adapter layer that wraps a frozen base layer.
+
+For a base weight viewed as ``W: [out, in]`` and an input ``x: [..., in]``:
+
+    LoRA     y = W x + b + s * B (A drop(x)),          A: [r, in], B: [out, r]
+    scaling  s = alpha / r          (rsLoRA: s = alpha / sqrt(r))
+    DoRA     y = m / ||W + s B A||_row * (W x + s B A drop(x)) + b,    m: [out]
+
+The DoRA row norm is detached (treated as a constant, as in the DoRA paper), so its gradient
+costs nothing. Dropout applies to the adapter branch only, and the base output ``W x + b`` is
+computed once and reused: with dropout off this is exactly DoRA; with dropout on it avoids the
+second base matmul that HF PEFT pays (DESIGN.md section 3).
+
+Three base layers are wrapped, all through the same ``[out, in]`` view of the weight:
+``nn.Linear`` (stored ``[out, in]``), transformers' ``Conv1D`` (GPT-2, stored ``[in, out]``,
+"fan_in_fan_out") and ``nn.Embedding`` (stored ``[num_embeddings, dim]``, viewed as
+``[dim, num_embeddings]`` so that ``x`` is a one-hot row index). Tensor names follow HF PEFT
+(``lora_A``/``lora_B`` modules, ``lora_embedding_A``/``lora_embedding_B`` and
+``lora_magnitude_vector`` parameters) so that files and state dicts line up.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import AdapterModule
+
+
+def base_kind(module: nn.Module) -> str | None:
+    """``"linear"``, ``"conv1d"`` or ``"embedding"`` for layers LoRA can wrap, else None."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
+        return "conv1d"  # transformers.pytorch_utils.Conv1D, duck-typed: no import of transformers
+    return None
+
+
+def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
+    """``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA (stable at high rank)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+class LoraLayer(AdapterModule):
+    """A base layer plus named LoRA/DoRA adapters; the base stays frozen and untouched.
+
+    Build with :meth:`from_layer`, add adapters with :meth:`add_adapter`. ``merged`` lists the
+    adapters currently folded into the base weight (see :mod:`lightning_peft.merge`); those are
+    skipped in ``forward``.
+    """
+
+    method = "lora"
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
+        super().__init__()
+        kind = base_kind(base_layer)
+        if kind is None:
+            raise TypeError(f"LoRA wraps nn.Linear, transformers Conv1D or nn.Embedding, "
+                            f"not {type(base_layer).__name__}.")
+        self.base_layer = base_layer
+        self.kind = kind
+        # the stored weight is [in, out] (Conv1D, Embedding, or a Linear flagged fan_in_fan_out)
+        self.transposed = kind != "linear" or fan_in_fan_out
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self.scaling: dict[str, float] = {}
+        self.merged: list[str] = []
+        self.dora_merge_norms: dict[str, torch.Tensor] = {}  # row norms at merge time, for unmerge
+
+    @classmethod
+    def from_layer(cls, base_layer: nn.Module, fan_in_fan_out: bool = False) -> "LoraLayer":
+        return base_layer if isinstance(base_layer, cls) else cls(base_layer, fan_in_fan_out)
+
+    # ------------------------------------------------------------------------------- shapes
+    @property
+    def in_features(self) -> int:
+        return self.base_weight().shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.base_weight().shape[0]
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as ``[out, in]`` (a view: no copy for float bases)."""
+        weight = self.base_layer.weight
+        return weight.t() if self.transposed else weight
+
+    def set_base_weight(self, new_weight: torch.Tensor) -> None:
+        """Write ``new_weight: [out, in]`` into the base weight in place (same storage)."""
+        with torch.no_grad():
+            self.base_weight().copy_(new_weight)
+
+    # ------------------------------------------------------------------------------ adapters
+    def adapter_names(self) -> list[str]:
+        return list(self.scaling)
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        if self.kind == "embedding":
+            state = {"lora_embedding_A": self.lora_embedding_A[name],
+                     "lora_embedding_B": self.lora_embedding_B[name]}
+        else:
+            state = {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+        if name in self.lora_magnitude_vector:
+            state["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
+        return state
+
+    def remove_adapter(self, name: str) -> None:
+        for store in (self.lora_A, self.lora_B, self.lora_embedding_A, self.lora_embedding_B,
+                      self.lora_dropout, self.lora_magnitude_vector):
+            store.pop(name, None)
+        del self.scaling[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, use_dora: bool = False,
+                    init_lora_weights: bool | str = True) -> None:
+        """Create adapter ``name`` (rank ``r``) and initialise it; see :class:`LoraConfig`."""
+        if name in self.scaling:
+            raise ValueError(f"adapter {name!r} already exists on this layer; choose another adapter_name.")
+        weight = self.base_weight()
+        out_features, in_features = weight.shape
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        factory = {"device": weight.device, "dtype": dtype}
+        if self.kind == "embedding":
+            if use_dora or init_lora_weights == "pissa":
+                raise ValueError("DoRA and PiSSA are not available for nn.Embedding layers; "
+                                 "exclude the embedding from target_modules (exclude_modules=[...]).")
+            self.lora_embedding_A[name] = nn.Parameter(torch.empty(r, in_features, **factory))
+            self.lora_embedding_B[name] = nn.Parameter(torch.empty(out_features, r, **factory))
+        else:
+            self.lora_A[name] = nn.Linear(in_features, r, bias=False, **factory)
+            self.lora_B[name] = nn.Linear(r, out_features, bias=False, **factory)
+        self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.scaling[name] = lora_scaling(lora_alpha, r, use_rslora)
+        self._init_weights(name, init_lora_weights)
+        if use_dora:
+            with torch.no_grad():
+                norm = self.dora_row_norm(name).to(dtype)
+            self.lora_magnitude_vector[name] = nn.Parameter(norm)
+
+    def _init_weights(self, name: str, init: bool | str) -> None:
+        A, B = self._factors(name)
+        with torch.no_grad():
+            if init == "pissa":
+                self._init_pissa(name)
+            elif self.kind == "embedding":  # PEFT's convention for embeddings: A zero, B normal
+                nn.init.zeros_(A) if init is not False else nn.init.normal_(A)
+                nn.init.normal_(B)
+            else:
+                if init == "gaussian":
+                    nn.init.normal_(A, std=1.0 / A.shape[0])
+                else:
+                    nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+                if init is False:  # random B: the adapter is "already trained" (tests, benchmarks)
+                    nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+                else:
+                    nn.init.zeros_(B)
+
+    def _init_pissa(self, name: str) -> None:
+        """A, B from the top-r singular triplets of W; the base keeps the residual.
+
+        With ``W = U S V^T``: ``s B A = U_r S_r V_r^T``, split evenly as ``B = U_r sqrt(S_r / s)`` and
+        ``A = sqrt(S_r / s) V_r^T``; then ``W <- W - s B A``, so the model's function is unchanged.
+        """
+        A, B = self._factors(name)
+        s = self.scaling[name]
+        weight = self.base_weight()
+        U, S, Vh = torch.linalg.svd(weight.float(), full_matrices=False)
+        r = A.shape[0]
+        root = torch.sqrt(S[:r] / s)
+        A.copy_(root[:, None] * Vh[:r])
+        B.copy_(U[:, :r] * root[None, :])
+        self.set_base_weight(weight.float() - s * (B.float() @ A.float()))
+
+    def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A: [r, in], B: [out, r])`` for adapter ``name``."""
+        if self.kind == "embedding":
+            return self.lora_embedding_A[name], self.lora_embedding_B[name]
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``s * B @ A`` as ``[out, in]`` in at least fp32 (what a merge adds to the base)."""
+        A, B = self._factors(name)
+        dtype = torch.promote_types(A.dtype, torch.float32)
+        return self.scaling[name] * (B.to(dtype) @ A.to(dtype))
+
+    def dora_row_norm(self, name: str) -> torch.Tensor:
+        """``||W + s B A||`` over each output row, ``[out]``, fp32 or wider (not detached here)."""
+        delta = self.delta_weight(name)
+        return torch.linalg.vector_norm(self.base_weight().to(delta.dtype) + delta, dim=1)
+
+    # ------------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        name = self.active_adapter
+        if self.disabled or name is None or name not in self.scaling or name in self.merged:
+            return result
+        if self.kind == "embedding":
+            A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
+            base = self.base_layer
+            rows = F.embedding(x, A.t(), base.padding_idx, base.max_norm, base.norm_type,
+                               base.scale_grad_by_freq, base.sparse)
+            return torch.add(result, (rows @ B.t()).to(result.dtype), alpha=self.scaling[name])
+        A = self.lora_A[name].weight
+        lora = F.linear(F.linear(self.lora_dropout[name](x).to(A.dtype), A), self.lora_B[name].weight)
+        if name in self.lora_magnitude_vector:
+            return self._dora(result, lora, name)
+        return torch.add(result, lora.to(result.dtype), alpha=self.scaling[name])
+
+    def _dora(self, result: torch.Tensor, lora: torch.Tensor, name: str) -> torch.Tensor:
+        """``m / ||W + s B A|| * ((W x + b) - b + s * lora) + b``, reusing the base output."""
+        with torch.no_grad():
+            norm = self.dora_row_norm(name)
+        magnitude = self.lora_magnitude_vector[name]
+        scale = (magnitude / norm.to(magnitude.dtype)).to(result.dtype)
+        bias = getattr(self.base_layer, "bias", None)
+        out = result if bias is None else result - bias
+        out = torch.add(out, lora.to(result.dtype), alpha=self.scaling[name]) * scale
+        return out if bias is None else out + bias

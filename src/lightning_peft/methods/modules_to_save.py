@@ -1,0 +1,49 @@
+"""Fully trained modules (``modules_to_save``): a per-adapter copy beside the frozen original.
+
+Typical use: a freshly initialised classification head (``score``) or a resized ``lm_head``.
+Layout matches HF PEFT's (``original_module`` + ``modules_to_save.<adapter>``), and in the file
+the copy's tensors sit under the module's own path (``<path>.weight``).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .base import AdapterModule
+
+
+class ModulesToSave(AdapterModule):
+    """Runs the active adapter's trainable copy; the original when disabled or none is active."""
+
+    method = "modules_to_save"
+    wrapped_attr = "original_module"
+
+    def __init__(self, original_module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save)
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        return dict(self.modules_to_save[name].named_parameters())
+
+    def remove_adapter(self, name: str) -> None:
+        del self.modules_to_save[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def add_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            raise ValueError(f"adapter {name!r} already has a copy of this module; choose another adapter_name.")
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+
+    def forward(self, *args, **kwargs):
+        name = self.active_adapter
+        if self.disabled or name not in self.modules_to_save:
+            return self.original_module(*args, **kwargs)
+        return self.modules_to_save[name](*args, **kwargs)
