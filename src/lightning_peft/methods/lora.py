@@ -116,7 +116,8 @@ class LoraLayer(AdapterModule):
     def remove_adapter(self, name: str) -> None:
         for store in (self.lora_A, self.lora_B, self.lora_embedding_A, self.lora_embedding_B,
                       self.lora_dropout, self.lora_magnitude_vector):
-            store.pop(name, None)
+            if name in store:
+                del store[name]
         del self.scaling[name]
         if self.active_adapter == name:
             self.active_adapter = None
