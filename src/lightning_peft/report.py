@@ -47,20 +47,9 @@ class AdapterReport:
         return table
 
 
-def _method_of(key: str, module_methods: dict[str, str]) -> str:
-    if key.endswith("lora_magnitude_vector"):
-        return "dora_magnitude"
-    path = key.removeprefix("base_model.model.")
-    for module_path, method in module_methods.items():
-        if path.startswith(module_path + "."):
-            return method
-    return "bias"
-
-
 def adapter_report(model: nn.Module, show: bool = True, console: Console | None = None) -> AdapterReport:
     """Count parameters of ``model`` and its adapters; print a rich table unless ``show=False``."""
     params = list(model.parameters())
-    module_methods = {path: module.method for path, module in adapter_modules(model)}
     per_adapter: dict[str, int] = {}
     per_method: dict[str, int] = {}
     adapter_bytes = 0
@@ -68,9 +57,15 @@ def adapter_report(model: nn.Module, show: bool = True, console: Console | None 
         tensors = adapter_tensors(model, name)
         per_adapter[name] = sum(t.numel() for t in tensors.values())
         adapter_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
-        for key, tensor in tensors.items():
-            method = _method_of(key, module_methods)
-            per_method[method] = per_method.get(method, 0) + tensor.numel()
+        in_modules = 0
+        for _, module in adapter_modules(model):
+            if name in module.adapter_names():
+                for key, tensor in module.adapter_state(name).items():
+                    method = "dora_magnitude" if key == "lora_magnitude_vector" else module.method
+                    per_method[method] = per_method.get(method, 0) + tensor.numel()
+                    in_modules += tensor.numel()
+        if per_adapter[name] > in_modules:  # the rest: biases freed by the config's ``bias``
+            per_method["bias"] = per_method.get("bias", 0) + per_adapter[name] - in_modules
     trainable = [p for p in params if p.requires_grad]
     report = AdapterReport(total_params=sum(p.numel() for p in params),
                            trainable_params=sum(p.numel() for p in trainable),
