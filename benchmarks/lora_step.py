@@ -115,17 +115,21 @@ def run(args) -> tuple[dict, dict, dict]:
         if counts[f"ours {name}"] != counts[f"PEFT {name}"]:
             raise SystemExit(f"{name}: trainable parameter counts differ: {counts}")
 
+    if args.verbose:
+        print(f"built {len(models)} models, max start logit diff {diff:.1e}", file=sys.stderr)
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     rounds = args.warmup + args.steps
     for i in range(rounds):
         order = VARIANTS[i % len(VARIANTS):] + VARIANTS[:i % len(VARIANTS)]
+        this_round = {}
         for v in order:
             torch.manual_seed(args.seed + 100 + i)  # same dropout masks for every variant in a round
-            t = step(models[v], params[v], input_ids, labels)
+            this_round[v] = t = step(models[v], params[v], input_ids, labels)
             if i >= args.warmup:
                 times[v].append(t)
         if args.verbose:
-            print(f"round {i + 1}/{rounds}", file=sys.stderr)
+            ms = ", ".join(f"{v} {this_round[v] * 1e3:.1f}" for v in VARIANTS)
+            print(f"round {i + 1}/{rounds}{' (warm-up)' if i < args.warmup else ''}: {ms} ms", file=sys.stderr)
     info = dict(size=size, counts=counts, diff=diff)
     return {v: statistics.median(ts) * 1e3 for v, ts in times.items()}, {
         v: (statistics.quantiles(ts, n=4)[0] * 1e3, statistics.quantiles(ts, n=4)[2] * 1e3) if len(ts) > 1
