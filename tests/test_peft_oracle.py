@@ -89,3 +89,17 @@ def test_fresh_adapter_is_an_identity_like_peft():
         base = tiny_llama()(x).logits
         ours = lp.inject_adapters(tiny_llama(), lp.LoraConfig(r=8, use_dora=True)).eval()(x).logits
     assert max_abs(ours, base) <= 1e-6
+
+
+def test_pissa_adapter_round_trips_onto_the_original_base(tmp_path):
+    """PiSSA trains against the residual base W - U_r S_r V_r^T: loading onto the original base
+    redoes that split, so the reloaded model computes what the trained one did."""
+    x = token_batch()
+    model = lp.inject_adapters(tiny_llama(), lp.LoraConfig(r=4, init_lora_weights="pissa"))
+    _train_a_few_steps(model)
+    with torch.no_grad():
+        trained = model(x).logits
+    lp.save_adapter(model, tmp_path)
+    reloaded = lp.load_adapter(tiny_llama(), tmp_path).eval()
+    with torch.no_grad():
+        assert max_abs(reloaded(x).logits, trained) <= 1e-4

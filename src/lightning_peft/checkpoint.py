@@ -9,7 +9,6 @@ the file. Both libraries read each other's directories.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import uuid
@@ -132,10 +131,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     except json.JSONDecodeError as err:
         raise ValueError(f"{config_path} is not valid JSON ({err}).") from None
     loaded = _read_weights(directory, allow_pickle)
-    # the file holds trained values: skip PiSSA's SVD (it would also rewrite the base weights)
-    inject_adapters(model, dataclasses.replace(config, init_lora_weights=True), adapter_name)
-    adapter_configs(model)[adapter_name] = dataclasses.replace(
-        adapter_configs(model)[adapter_name], init_lora_weights=config.init_lora_weights)
+    # Injecting as the config says also redoes PiSSA's SVD split, which turns the base weights into
+    # the residual the adapter was trained against (the file holds A and B, not the residual).
+    inject_adapters(model, config, adapter_name)
     expected = adapter_tensors(model, adapter_name)
     try:
         _check_against(expected, loaded, directory / WEIGHTS_NAME)

@@ -1,0 +1,29 @@
+"""Every example and benchmark script runs as written, on tiny settings."""
+
+from __future__ import annotations
+
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quickstart_learns_reloads_and_merges():
+    main = runpy.run_path(str(ROOT / "examples" / "quickstart.py"))["main"]
+    result = main(["--steps", "40"])
+    assert result["last_loss"] < 0.5 * result["first_loss"]
+    assert result["reload_diff"] <= 1e-6
+    assert result["merge_diff"] <= 1e-4
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "benchmarks").glob("*.py")))
+def test_benchmark_runs_quick(script, tmp_path):
+    out = tmp_path / "table.md"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "|" in out.read_text()
