@@ -33,7 +33,7 @@ FULL = dict(hidden=256, layers=4, intermediate=688, vocab=1000, heads=4, kv_head
 QUICK = dict(hidden=64, layers=2, intermediate=172, vocab=128, heads=4, kv_heads=4, batch=2, seq=16)
 
 VARIANTS = ("ours LoRA", "PEFT LoRA", "ours DoRA", "PEFT DoRA")
-# (numerator, denominator, note) for the ratio column; one row per variant
+# the ratio column: each variant's median over the median of its baseline (same run), and why
 RATIOS = {
     "PEFT LoRA": (None, "baseline"),
     "ours LoRA": ("PEFT LoRA", "target <= 1.0"),
@@ -123,17 +123,23 @@ def run(args) -> tuple[dict, dict, dict]:
         order = VARIANTS[i % len(VARIANTS):] + VARIANTS[:i % len(VARIANTS)]
         this_round = {}
         for v in order:
-            torch.manual_seed(args.seed + 100 + i)  # same dropout masks for every variant in a round
+            torch.manual_seed(args.seed + 100 + i)  # same RNG state (dropout) for every variant in a round
             this_round[v] = t = step(models[v], params[v], input_ids, labels)
             if i >= args.warmup:
                 times[v].append(t)
         if args.verbose:
             ms = ", ".join(f"{v} {this_round[v] * 1e3:.1f}" for v in VARIANTS)
             print(f"round {i + 1}/{rounds}{' (warm-up)' if i < args.warmup else ''}: {ms} ms", file=sys.stderr)
-    info = dict(size=size, counts=counts, diff=diff)
-    return {v: statistics.median(ts) * 1e3 for v, ts in times.items()}, {
-        v: (statistics.quantiles(ts, n=4)[0] * 1e3, statistics.quantiles(ts, n=4)[2] * 1e3) if len(ts) > 1
-        else (ts[0] * 1e3, ts[0] * 1e3) for v, ts in times.items()}, info
+    medians = {v: statistics.median(ts) * 1e3 for v, ts in times.items()}
+    quartiles = {v: _quartiles_ms(ts) for v, ts in times.items()}
+    return medians, quartiles, dict(size=size, counts=counts, diff=diff)
+
+
+def _quartiles_ms(seconds: list[float]) -> tuple[float, float]:
+    if len(seconds) < 2:
+        return seconds[0] * 1e3, seconds[0] * 1e3
+    q1, _, q3 = statistics.quantiles(seconds, n=4)
+    return q1 * 1e3, q3 * 1e3
 
 
 def table(medians: dict, quartiles: dict, counts: dict) -> str:
@@ -180,6 +186,10 @@ def main(argv=None) -> None:
           f"steps after {args.warmup} warm-up; start logits max diff {info['diff']:.1e}")
     print(text, end="")
     print(f"# ours DoRA / PEFT DoRA = {medians['ours DoRA'] / medians['PEFT DoRA']:.2f}")
+    noisy = [v for v, (lo, hi) in quartiles.items() if hi > 1.5 * lo]
+    if noisy:
+        print(f"# warning: wide spread for {', '.join(noisy)} (p75 > 1.5 x p25): the machine was busy "
+              f"during this run; rerun on a quiet machine before trusting the ratios", file=sys.stderr)
     if args.out:
         with open(args.out, "w") as fh:
             fh.write(text)
