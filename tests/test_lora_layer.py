@@ -63,7 +63,9 @@ def test_dora_with_dropout_reuses_the_base_output():
     out = layer(x)
     assert len(calls) == 1
     torch.manual_seed(5)
-    dropped = nn.functional.dropout(x, 0.5, training=True)
+    dropped = layer.lora_dropout["a"](x)  # the same mask, drawn again from the same seed
+    kept = dropped != 0
+    assert 0.4 < kept.float().mean() < 0.6 and torch.equal(dropped[kept], x[kept] * 2)
     W, b = layer.base_layer.weight.double(), layer.base_layer.bias.double()
     A, B = layer.lora_A["a"].weight.double(), layer.lora_B["a"].weight.double()
     m, s = layer.lora_magnitude_vector["a"].double(), layer.scaling["a"]
