@@ -13,6 +13,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+import torch
+
 TargetModules = Union[str, list[str], None]
 
 INIT_CHOICES = (True, False, "gaussian", "pissa")
@@ -163,3 +165,49 @@ class LoraConfig:
             warnings.warn(f"{source}: fields not supported by lightning-peft were ignored: {ignored}. "
                           f"The adapter may behave differently than where it was trained.", stacklevel=3)
         return cls(**kwargs)
+
+
+QUANT_TYPES = ("nf4", "fp4", "int8")
+
+
+@dataclass
+class QuantConfig:
+    """How :func:`lightning_peft.quantize_base` freezes the base model's linear layers.
+
+    Args:
+        quant_type: ``"nf4"`` (4-bit NormalFloat, the QLoRA default), ``"fp4"``, or ``"int8"``
+            (LLM.int8 row-wise absmax, bitsandbytes ``Linear8bitLt``).
+        double_quant: quantize the per-block absmax constants too (4-bit only):
+            ~4.127 bits/param instead of 4.5.
+        compute_dtype: dtype of the dequantized weight in the matmul (4-bit only).
+        blocksize: values per absmax block (4-bit only): 64 (default), 128, 256, ... 4096.
+        skip_modules: names or dotted suffixes of linear layers kept in float (the output head).
+        quant_storage: dtype the packed 4-bit bytes are stored in; FSDP needs it to match the
+            dtype of the float parameters it flattens with them.
+    """
+
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: torch.dtype = torch.bfloat16
+    blocksize: int = 64
+    skip_modules: tuple = ("lm_head",)
+    quant_storage: torch.dtype = torch.uint8
+
+    def __post_init__(self) -> None:
+        if self.quant_type not in QUANT_TYPES:
+            raise ValueError(f"quant_type={self.quant_type!r}: choose one of {list(QUANT_TYPES)}.")
+        if not isinstance(self.compute_dtype, torch.dtype) or not self.compute_dtype.is_floating_point:
+            raise ValueError(f"compute_dtype={self.compute_dtype!r}: use a float torch dtype "
+                             f"(torch.bfloat16, torch.float16 or torch.float32).")
+        if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            raise ValueError(f"blocksize={self.blocksize!r}: choose a power of two from 32 to 4096 (default 64).")
+        if isinstance(self.skip_modules, str):
+            self.skip_modules = (self.skip_modules,)
+        self.skip_modules = tuple(self.skip_modules or ())
+        if not isinstance(self.quant_storage, torch.dtype):
+            raise ValueError(f"quant_storage={self.quant_storage!r}: must be a torch dtype (torch.uint8 by "
+                             f"default; the float dtype of the model's other parameters under FSDP).")
+
+    @property
+    def is_4bit(self) -> bool:
+        return self.quant_type in ("nf4", "fp4")

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quantize import dequantize_weight, is_quantized
 from .base import AdapterModule
 
 
@@ -85,6 +86,11 @@ class LoraLayer(AdapterModule):
                             f"not {type(base_layer).__name__}.")
         self.base_layer = base_layer
         self.kind = kind
+        self.quantized = is_quantized(base_layer)
+        if kind == "linear":
+            self.out_features, self.in_features = base_layer.out_features, base_layer.in_features
+        else:  # Conv1D stores [in, out]; an embedding is a linear map from one-hot [num] to [dim]
+            self.in_features, self.out_features = base_layer.weight.shape
         # the stored weight is [in, out] (Conv1D, Embedding, or a Linear flagged fan_in_fan_out)
         self.transposed = kind != "linear" or fan_in_fan_out
         self.lora_A = nn.ModuleDict()
@@ -101,22 +107,20 @@ class LoraLayer(AdapterModule):
     def from_layer(cls, base_layer: nn.Module, fan_in_fan_out: bool = False) -> "LoraLayer":
         return base_layer if isinstance(base_layer, cls) else cls(base_layer, fan_in_fan_out)
 
-    # ------------------------------------------------------------------------------- shapes
-    @property
-    def in_features(self) -> int:
-        return self.base_weight().shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return self.base_weight().shape[0]
-
+    # ------------------------------------------------------------------------------- weights
     def base_weight(self) -> torch.Tensor:
-        """The base weight as ``[out, in]`` (a view: no copy for float bases)."""
+        """The base weight as ``[out, in]``: a view of a float base, the dequantized weight
+        (a new tensor in the original dtype) of a bitsandbytes one."""
+        if self.quantized:
+            return dequantize_weight(self.base_layer)
         weight = self.base_layer.weight
         return weight.t() if self.transposed else weight
 
     def set_base_weight(self, new_weight: torch.Tensor) -> None:
-        """Write ``new_weight: [out, in]`` into the base weight in place (same storage)."""
+        """Write ``new_weight: [out, in]`` into a float base weight in place (same storage)."""
+        if self.quantized:
+            raise TypeError("the base weight is quantized: it cannot be written in place "
+                            "(see lightning_peft.merge_adapters(allow_lossy=True) and export_merged).")
         with torch.no_grad():
             self.base_weight().copy_(new_weight)
 
@@ -149,10 +153,13 @@ class LoraLayer(AdapterModule):
         """Create adapter ``name`` (rank ``r``) and initialise it; see :class:`LoraConfig`."""
         if name in self.scaling:
             raise ValueError(f"adapter {name!r} already exists on this layer; choose another adapter_name.")
-        weight = self.base_weight()
-        out_features, in_features = weight.shape
-        dtype = weight.dtype if weight.is_floating_point() else torch.float32
-        factory = {"device": weight.device, "dtype": dtype}
+        out_features, in_features = self.out_features, self.in_features
+        weight = self.base_layer.weight
+        # adapters over a quantized base train in fp32 (as in QLoRA); else in the base's dtype
+        factory = {"device": weight.device, "dtype": torch.float32 if self.quantized else weight.dtype}
+        if self.quantized and init_lora_weights == "pissa":
+            raise ValueError("PiSSA splits a float weight by SVD; this base is quantized. Initialise PiSSA on "
+                             "the float model and quantize the residual, or use init_lora_weights=True.")
         if self.kind == "embedding":
             if use_dora or init_lora_weights == "pissa":
                 raise ValueError("DoRA and PiSSA are not available for nn.Embedding layers; "
@@ -167,7 +174,7 @@ class LoraLayer(AdapterModule):
         self._init_weights(name, init_lora_weights)
         if use_dora:
             with torch.no_grad():
-                norm = self.dora_row_norm(name).to(dtype)
+                norm = self.dora_row_norm(name).to(factory["dtype"])
             self.lora_magnitude_vector[name] = nn.Parameter(norm)
 
     def _init_weights(self, name: str, init: bool | str) -> None:
