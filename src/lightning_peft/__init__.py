@@ -1,13 +1,15 @@
 """lightning-peft: parameter-efficient fine-tuning (LoRA, rsLoRA, DoRA, ...) for PyTorch Lightning.
 
 The functional core works on any ``torch.nn.Module``: inject adapters, train, save them in the
-HF PEFT format, load PEFT's, merge them into the base. See README.md for a quick start.
+HF PEFT format, load PEFT's, merge them into the base; QLoRA: freeze the base in 4-bit NF4
+(bitsandbytes) first, then export a merged float model. See README.md for a quick start.
 """
 
 from .checkpoint import load_adapter, save_adapter
-from .config import LoraConfig
+from .config import LoraConfig, QuantConfig
 from .inject import adapter_configs, delete_adapter, disable_adapters, inject_adapters, set_adapter
-from .merge import merge_adapters, unmerge_adapters
+from .merge import export_merged, merge_adapters, merged_state_dict, unmerge_adapters
+from .quantize import MemoryReport, memory_report, quantize_base
 from .report import AdapterReport, adapter_report
 
 __version__ = "0.1.0"
@@ -15,13 +17,19 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterReport",
     "LoraConfig",
+    "MemoryReport",
+    "QuantConfig",
     "adapter_configs",
     "adapter_report",
     "delete_adapter",
     "disable_adapters",
+    "export_merged",
     "inject_adapters",
     "load_adapter",
+    "memory_report",
     "merge_adapters",
+    "merged_state_dict",
+    "quantize_base",
     "save_adapter",
     "set_adapter",
     "unmerge_adapters",

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import atomic_write
 from .config import LoraConfig
 from .inject import adapter_configs, adapter_modules, adapter_parameters, delete_adapter, inject_adapters, set_adapter
 
@@ -42,19 +41,6 @@ def adapter_tensors(model: nn.Module, adapter_name: str = "default") -> dict[str
         if id(param) not in owned:  # biases freed by the config's ``bias`` setting
             tensors[KEY_PREFIX + name] = param
     return tensors
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp)`` on a temporary file beside ``path``, flush it to disk, then rename it
-    over ``path``: a crash leaves either the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> Path:

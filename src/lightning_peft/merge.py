@@ -1,4 +1,4 @@
-r"""Fold adapters into the base weights and take them out again (float bases: exact up to fp32).
+r"""Fold adapters into the base weights, take them out again, or export a merged float model.
 
     LoRA   merge:  W <- W + s B A                 unmerge: W <- W - s B A
     DoRA   merge:  W <- m / n * (W + s B A),  n = ||W + s B A||_row (kept for unmerge)
@@ -7,15 +7,30 @@ r"""Fold adapters into the base weights and take them out again (float bases: ex
 Arithmetic runs in fp32 (or the base's wider dtype) and is cast back once. A merged adapter is
 skipped in ``forward`` (its effect is in the weight), so the merged model computes the same
 function with one matmul per layer.
+
+A quantized base is different: writing ``W + s B A`` back into 4 bits rounds most of a small
+update away (a typical delta is ~0.5% of ``||W||``, well under NF4's ~10% rounding error), so
+``merge_adapters`` refuses it unless ``allow_lossy=True``. :func:`export_merged` is the lossless
+path: dequantize, merge in fp32, write a float ``model.safetensors`` with the original keys.
 """
 
 from __future__ import annotations
 
+import json
+import warnings
+from pathlib import Path
+
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
+from .atomic import atomic_write
 from .inject import adapter_configs, adapter_modules
-from .methods import LoraLayer
+from .methods import LoraLayer, ModulesToSave
+from .quantize import dequantize_weight, is_quantized, quant_config, requantize_
+
+WEIGHTS_NAME = "model.safetensors"
+MANIFEST_NAME = "lightning_peft_export.json"
 
 
 def _lora_layers(model: nn.Module) -> list[LoraLayer]:
@@ -31,28 +46,58 @@ def _resolve(model: nn.Module, adapter_name: str | None) -> str:
     return name
 
 
-def merge_layer(layer: LoraLayer, name: str) -> None:
-    """Fold adapter ``name`` of one layer into its base weight."""
+def merged_weight(layer: LoraLayer, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(W', n)``: ``weight: [out, in]`` with adapter ``name`` folded in, in at least fp32, and
+    the DoRA row norms ``n`` (None for LoRA)."""
+    delta = layer.delta_weight(name)
+    merged = weight.to(delta.dtype) + delta
+    if name not in layer.lora_magnitude_vector:
+        return merged, None
+    norm = torch.linalg.vector_norm(merged, dim=1)
+    return merged * (layer.lora_magnitude_vector[name].to(norm.dtype) / norm)[:, None], norm
+
+
+def merge_layer(layer: LoraLayer, name: str, allow_lossy: bool = False) -> float | None:
+    """Fold adapter ``name`` of one layer into its base weight.
+
+    For a quantized base (only with ``allow_lossy``) returns the fraction of the adapter's weight
+    update lost to re-quantization, ``||W_q' - W_q - dW|| / ||dW||``."""
     if name in layer.merged:
         raise RuntimeError(f"adapter {name!r} is already merged into this layer.")
-    weight = layer.base_weight()
-    if not weight.is_floating_point():
-        raise TypeError("merge_layer needs a float base weight; quantized bases are merged by export_merged.")
     with torch.no_grad():
-        delta = layer.delta_weight(name)
-        merged = weight.to(delta.dtype) + delta
-        if name in layer.lora_magnitude_vector:
-            norm = torch.linalg.vector_norm(merged, dim=1)
+        weight = layer.base_weight()
+        merged, norm = merged_weight(layer, name, weight)
+        lost = None
+        if layer.quantized:
+            if not allow_lossy:
+                raise RuntimeError(_LOSSY_MESSAGE)
+            requantize_(layer.base_layer, merged)
+            update = merged - weight.to(merged.dtype)
+            realised = layer.base_weight().to(merged.dtype) - weight.to(merged.dtype)
+            lost = ((realised - update).norm() / update.norm().clamp_min(1e-30)).item()
+        else:
+            layer.set_base_weight(merged)
+        if norm is not None:
             layer.dora_merge_norms[name] = norm
-            merged = merged * (layer.lora_magnitude_vector[name].to(norm.dtype) / norm)[:, None]
-        layer.set_base_weight(merged)
     layer.merged.append(name)
+    return lost
+
+
+_LOSSY_MESSAGE = (
+    "refusing to merge into a quantized (4-bit/8-bit) base in place: re-quantizing W + dW rounds most of "
+    "a small adapter update away (NF4 rounding error is ~10% of ||W||, a trained update ~0.5%), so the "
+    "merged model can be worse than dropping the adapter. Use lightning_peft.export_merged(model, "
+    "directory) to write a merged float model (dequantize -> merge in fp32 -> safetensors), or pass "
+    "allow_lossy=True to merge anyway (a warning states the measured loss; it cannot be unmerged).")
 
 
 def unmerge_layer(layer: LoraLayer, name: str) -> None:
     """Take adapter ``name`` back out of one layer's base weight."""
     if name not in layer.merged:
         raise RuntimeError(f"adapter {name!r} is not merged into this layer.")
+    if layer.quantized:
+        raise RuntimeError(f"adapter {name!r} was merged lossily into a quantized weight and cannot be taken "
+                           f"out again; reload the base model and the adapter (load_adapter).")
     with torch.no_grad():
         delta = layer.delta_weight(name)
         weight = layer.base_weight().to(delta.dtype)
@@ -63,15 +108,23 @@ def unmerge_layer(layer: LoraLayer, name: str) -> None:
     layer.merged.remove(name)
 
 
-def merge_adapters(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
+def merge_adapters(model: nn.Module, adapter_name: str | None = None, allow_lossy: bool = False) -> nn.Module:
     """Merge ``adapter_name`` (default: the active adapter) into every layer that has it.
 
     Exact for float bases up to fp32 rounding; :func:`unmerge_adapters` restores the base. While
-    merged, switching or disabling adapters is refused (the effect is inside the weights)."""
+    merged, switching or disabling adapters is refused (the effect is inside the weights).
+    Quantized bases are refused before anything changes unless ``allow_lossy=True``, which
+    re-quantizes the merged weights and warns with the measured fraction of the update lost."""
     name = _resolve(model, adapter_name)
-    for layer in _lora_layers(model):
-        if name in layer.scaling and name not in layer.merged:
-            merge_layer(layer, name)
+    layers = [m for m in _lora_layers(model) if name in m.scaling and name not in m.merged]
+    if not allow_lossy and any(m.quantized for m in layers):
+        raise RuntimeError(_LOSSY_MESSAGE)
+    losses = [merge_layer(layer, name, allow_lossy) for layer in layers]
+    losses = [x for x in losses if x is not None]
+    if losses:
+        warnings.warn(f"merged adapter {name!r} into {len(losses)} quantized layers: re-quantization lost "
+                      f"{100 * sum(losses) / len(losses):.1f}% of the adapter's weight update on average "
+                      f"(worst layer {100 * max(losses):.1f}%). export_merged keeps all of it.", stacklevel=2)
     return model
 
 
@@ -81,3 +134,80 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
         for name in reversed(list(layer.merged)):
             unmerge_layer(layer, name)
     return model
+
+
+# ----------------------------------------------------------------------------------- export
+def merged_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """The state dict of the plain architecture with adapter ``adapter_name`` (default: the
+    active one) merged in: original key names, quantized weights dequantized, adapter tensors
+    gone, ``modules_to_save`` copies in place of the originals. Merged weights are fp32 or wider;
+    other tensors keep their dtype. Nothing in ``model`` changes."""
+    name = _resolve(model, adapter_name) if adapter_configs(model) else None
+    state: dict[str, torch.Tensor] = {}
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        if isinstance(module, ModulesToSave):
+            chosen = module.modules_to_save[name] if name in module.modules_to_save else module.original_module
+            return visit(chosen, prefix)
+        if isinstance(module, LoraLayer):
+            weight = module.base_weight()
+            if name in module.scaling and name not in module.merged:
+                weight, _ = merged_weight(module, name, weight)
+            state[prefix + "weight"] = weight.t() if module.transposed else weight
+            if getattr(module.base_layer, "bias", None) is not None:
+                state[prefix + "bias"] = module.base_layer.bias
+            return None
+        if is_quantized(module):
+            state[prefix + "weight"] = dequantize_weight(module)
+            if module.bias is not None:
+                state[prefix + "bias"] = module.bias
+            return None
+        for key, param in module.named_parameters(recurse=False):
+            state[prefix + key] = param
+        for key, buffer in module.named_buffers(recurse=False):
+            if key not in module._non_persistent_buffers_set:
+                state[prefix + key] = buffer
+        for key, child in module.named_children():
+            visit(child, prefix + key + ".")
+        return None
+
+    with torch.no_grad():
+        visit(model, "")
+    return state
+
+
+def export_merged(model: nn.Module, directory: str | Path, dtype: torch.dtype = torch.bfloat16,
+                  adapter_name: str | None = None) -> Path:
+    """Write the merged model as ``model.safetensors`` (keys of the original architecture, so it
+    loads into the plain model without lightning_peft) plus ``lightning_peft_export.json``.
+
+    Quantized weights are dequantized, adapters merged in fp32, then float tensors cast to
+    ``dtype`` once; the model itself is not changed. Returns the path of the weights file."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, tensor in merged_state_dict(model, adapter_name).items():
+        out = tensor.detach().to("cpu", dtype if tensor.is_floating_point() else tensor.dtype).contiguous()
+        if out.data_ptr() in seen:  # tied weights: safetensors stores each storage once per key
+            out = out.clone()
+        seen.add(out.data_ptr())
+        tensors[key] = out
+    path = directory / WEIGHTS_NAME
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    configs = adapter_configs(model)
+    quant = quant_config(model)
+    manifest = {
+        "weights": WEIGHTS_NAME,
+        "dtype": str(dtype).removeprefix("torch."),
+        "adapter": _resolve(model, adapter_name) if configs else None,
+        "adapter_config": configs[_resolve(model, adapter_name)].to_dict() if configs else None,
+        "quantized_base": None if quant is None else {"quant_type": quant.quant_type,
+                                                       "double_quant": quant.double_quant,
+                                                       "blocksize": quant.blocksize},
+        "tensors": len(tensors),
+        "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+    }
+    text = json.dumps(manifest, indent=2) + "\n"
+    atomic_write(directory / MANIFEST_NAME, lambda tmp: tmp.write_text(text))
+    return path

@@ -84,10 +84,15 @@ def quantize_linear(linear: nn.Linear, config: QuantConfig) -> nn.Module:
     return layer
 
 
-def requantize_(module: nn.Module, weight: torch.Tensor, config: QuantConfig) -> None:
-    """Replace the quantized weight of ``module`` by the quantization of ``weight: [out, in]``."""
+def requantize_(module: nn.Module, weight: torch.Tensor) -> None:
+    """Replace the quantized weight of ``module`` by the quantization of ``weight: [out, in]``,
+    with the layer's own settings (quant type, block size, double quant, storage dtype)."""
     if isinstance(module, bnb.nn.Linear4bit):
-        module.weight = _params4bit(weight.to(module.weight.quant_state.dtype), config, module)
+        state = module.weight.quant_state
+        config = QuantConfig(quant_type=state.quant_type, double_quant=state.nested, blocksize=state.blocksize,
+                             compute_dtype=module.compute_dtype or torch.float32,
+                             quant_storage=module.weight.quant_storage)
+        module.weight = _params4bit(weight.to(state.dtype), config, module)
     else:
         module.weight = bnb.nn.Int8Params(weight.float().clone(), requires_grad=False,
                                           has_fp16_weights=False).to(module.weight.device)
