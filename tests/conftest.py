@@ -44,6 +44,25 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+def realistic_adapter(model, name="default", size=0.05, seed=0):
+    """Give adapter ``name`` random B with ||s B A|| = size * ||W|| in every layer (a trained
+    adapter's typical few percent; B = 0 at init would make it invisible) and perturb DoRA
+    magnitudes by up to 10%."""
+    from lightning_peft.methods import LoraLayer
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoraLayer) and name in module.scaling and module.kind != "embedding":
+                B = module.lora_B[name].weight
+                B.copy_(torch.randn(B.shape, generator=generator))
+                B.mul_(size * module.base_weight().float().norm() / module.delta_weight(name).norm())
+                if name in module.lora_magnitude_vector:
+                    m = module.lora_magnitude_vector[name]
+                    m.mul_(1 + 0.1 * torch.rand(m.shape, generator=generator))
+    return model
+
+
 @pytest.fixture
 def llama():
     return tiny_llama()

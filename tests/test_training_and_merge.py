@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lightning_peft as lp
-from conftest import max_abs, rel_err, tiny_gpt2, tiny_llama, token_batch
+from conftest import max_abs, realistic_adapter, rel_err, tiny_gpt2, tiny_llama, token_batch
 from lightning_peft.methods import AdapterModule, LoraLayer
 
 
@@ -44,19 +44,9 @@ def test_training_changes_only_adapter_tensors(use_dora):
     assert set(changed) == trainable, f"adapter tensors that did not train: {trainable - set(changed)}"
 
 
-def _random_adapter(model, config, name="default", size=0.05):
-    """Inject, then give B random values with ||s B A|| = size * ||W|| in every layer (a trained
-    adapter's typical few percent) and perturb DoRA magnitudes, so the adapter changes the output."""
+def _random_adapter(model, config, name="default"):
     lp.inject_adapters(model, config, adapter_name=name)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, LoraLayer) and name in module.scaling:
-                B = module.lora_B[name].weight
-                B.normal_()
-                B.mul_(size * module.base_weight().norm() / module.delta_weight(name).norm())
-                if name in module.lora_magnitude_vector:
-                    module.lora_magnitude_vector[name].mul_(1 + 0.1 * torch.rand_like(module.lora_magnitude_vector[name]))
-    return model.eval()
+    return realistic_adapter(model, name).eval()
 
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2_conv1d"])
