@@ -19,6 +19,7 @@ from torch import nn
 from .config import LoraConfig
 from .methods import AdapterModule, LoraLayer, ModulesToSave
 from .methods.lora import base_kind
+from .modules import output_heads, replace_module
 
 CONFIGS_ATTR = "lp_adapter_configs"
 
@@ -66,11 +67,6 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return module.base_layer if isinstance(module, LoraLayer) else module
 
 
-def _output_head(model: nn.Module) -> nn.Module | None:
-    getter = getattr(model, "get_output_embeddings", None)
-    return _unwrap(getter()) if callable(getter) and getter() is not None else None
-
-
 def _closest(name: str, paths: list[str]) -> list[str]:
     leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
     return difflib.get_close_matches(name, leaves, n=5, cutoff=0.5) or difflib.get_close_matches(
@@ -85,10 +81,10 @@ def _find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mo
                   if not (config.exclude_modules and _matches(config.exclude_modules, p))
                   and not (saved and _matches(saved, p))]
     if config.target_modules == "all-linear":
-        head = _output_head(model)
+        heads = output_heads(model)
         targets = [(p, m) for p, m in candidates
-                   if base_kind(_unwrap(m)) in ("linear", "conv1d") and _unwrap(m) is not head
-                   and not (head is None and p.rsplit(".", 1)[-1] == "lm_head")]
+                   if base_kind(_unwrap(m)) in ("linear", "conv1d") and id(_unwrap(m)) not in heads
+                   and p.rsplit(".", 1)[-1] != "lm_head"]
         if not targets:
             raise ValueError(f'target_modules="all-linear" found no nn.Linear / Conv1D layer in '
                              f"{type(model).__name__}; name the layers to adapt instead.")
@@ -106,11 +102,6 @@ def _find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mo
         raise ValueError(f"target_modules selects modules LoRA cannot wrap: {unsupported[:5]}. LoRA wraps "
                          f"nn.Linear, transformers Conv1D and nn.Embedding; narrow target_modules.")
     return targets
-
-
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent_path) if parent_path else model, child, new)
 
 
 # ----------------------------------------------------------------------------------- injection
@@ -145,13 +136,13 @@ def inject_adapters(model: nn.Module, config: LoraConfig, adapter_name: str = "d
                           use_dora=config.use_dora, init_lora_weights=config.init_lora_weights)
         layer.train(module.training)  # new dropout modules follow the model's train/eval mode
         if layer is not module:
-            _replace(model, path, layer)
+            replace_module(model, path, layer)
     for path, module in saved:
         wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
         wrapper.add_adapter(adapter_name)
         wrapper.train(module.training)
         if wrapper is not module:
-            _replace(model, path, wrapper)
+            replace_module(model, path, wrapper)
 
     resolved = dataclasses.replace(config, target_modules=sorted(p for p, _ in targets),
                                    fan_in_fan_out=config.fan_in_fan_out or any(
@@ -175,7 +166,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
         if adapter_name in module.adapter_names():
             module.remove_adapter(adapter_name)
         if not module.adapter_names():
-            _replace(model, path, getattr(module, module.wrapped_attr))
+            replace_module(model, path, getattr(module, module.wrapped_attr))
     remaining = {k: v for k, v in configs.items() if k != adapter_name}
     object.__setattr__(model, CONFIGS_ATTR, remaining)
     if remaining:

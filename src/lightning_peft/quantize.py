@@ -24,6 +24,7 @@ from rich.table import Table
 from torch import nn
 
 from .config import QuantConfig
+from .modules import output_heads, replace_module
 
 QUANT_CONFIG_ATTR = "lp_quant_config"
 
@@ -57,12 +58,14 @@ def _params4bit(weight: torch.Tensor, config: QuantConfig, module: nn.Module) ->
                              quant_storage=config.quant_storage, module=module, bnb_quantized=True)
 
 
-def quantize_linear(linear: nn.Linear, config: QuantConfig) -> nn.Module:
-    """A frozen bitsandbytes copy of ``linear``, quantized where its weight lives."""
+def quantize_linear(linear: nn.Linear, config: QuantConfig, device: torch.device | str | None = None) -> nn.Module:
+    """A frozen bitsandbytes copy of ``linear``, quantized on ``device`` (default: where its
+    weight lives)."""
     weight = linear.weight.detach()
     if weight.is_meta:
         raise ValueError("cannot quantize a layer on the meta device: its weights were never loaded. "
                          "Materialise the model (or load its checkpoint) before quantize_base.")
+    weight = weight.to(device) if device is not None else weight
     has_bias = linear.bias is not None
     if config.is_4bit:
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias,
@@ -79,7 +82,7 @@ def quantize_linear(linear: nn.Linear, config: QuantConfig) -> nn.Module:
         layer.weight = bnb.nn.Int8Params(weight.clone(), requires_grad=False, has_fp16_weights=False)
         layer.weight = layer.weight.to(weight.device)  # Int8Params quantizes on .to(device)
     if has_bias:
-        layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        layer.bias = nn.Parameter(linear.bias.detach().to(weight.device, copy=True), requires_grad=False)
     layer.train(linear.training)
     return layer
 
@@ -99,13 +102,17 @@ def requantize_(module: nn.Module, weight: torch.Tensor) -> None:
         module.state.SCB = module.state.CB = None  # the layer caches the old ones after a forward
 
 
-def _skipped(path: str, module: nn.Module, head: nn.Module | None, config: QuantConfig) -> bool:
-    return module is head or any(path == s or path.endswith("." + s) for s in config.skip_modules)
+def _skipped(path: str, module: nn.Module, heads: set[int], config: QuantConfig) -> bool:
+    return id(module) in heads or any(path == s or path.endswith("." + s) for s in config.skip_modules)
 
 
-def quantize_base(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
+def quantize_base(model: nn.Module, config: QuantConfig | None = None,
+                  device: torch.device | str | None = None) -> nn.Module:
     """Quantize every ``nn.Linear`` of ``model`` (but ``skip_modules`` and the output head) in
     place, and freeze all of the model's parameters. Returns ``model`` itself.
+
+    With ``device``, each layer is moved there and quantized one at a time (the float model never
+    has to fit on the device); other parameters stay where they are.
 
     Call it before :func:`lightning_peft.inject_adapters`. The config is kept on the model as
     ``model.lp_quant_config`` (read by merging and export).
@@ -118,16 +125,15 @@ def quantize_base(model: nn.Module, config: QuantConfig | None = None) -> nn.Mod
     if any(isinstance(m, AdapterModule) for m in model.modules()):
         raise RuntimeError("quantize_base must run before inject_adapters: the adapters would wrap the float "
                            "layers. Quantize first, then inject (or use load_adapter after quantizing).")
-    getter = getattr(model, "get_output_embeddings", None)
-    head = getter() if callable(getter) else None
+    heads = output_heads(model)
     targets = [(path, m) for path, m in model.named_modules()
-               if type(m) is nn.Linear and not _skipped(path, m, head, config)]
+               if type(m) is nn.Linear and not _skipped(path, m, heads, config)]
     if not targets:
         raise ValueError(f"quantize_base found no nn.Linear layer to quantize in {type(model).__name__} "
-                         f"(skip_modules={config.skip_modules}).")
+                         f"(skip_modules={config.skip_modules}). QLoRA quantizes linear layers; for a model "
+                         f"without them train without quantization (e.g. strategy='lora').")
     for path, linear in targets:
-        parent_path, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent_path) if parent_path else model, child, quantize_linear(linear, config))
+        replace_module(model, path, quantize_linear(linear, config, device))
     for param in model.parameters():
         param.requires_grad_(False)
     object.__setattr__(model, QUANT_CONFIG_ATTR, config)

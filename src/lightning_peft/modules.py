@@ -1,0 +1,26 @@
+"""Small helpers on module trees shared by quantization and injection."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Put ``new`` at dotted ``path`` inside ``model``."""
+    parent_path, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, child, new)
+
+
+def output_heads(model: nn.Module) -> set[int]:
+    """``id``s of the output heads in ``model``: what ``get_output_embeddings()`` returns for
+    ``model`` and every submodule that has it (a transformers model inside a LightningModule),
+    seen through adapter wrappers. Such heads are neither quantized nor adapted by default."""
+    heads = set()
+    for module in model.modules():
+        getter = getattr(type(module), "get_output_embeddings", None)
+        head = getter(module) if callable(getter) else None
+        while head is not None and hasattr(head, "wrapped_attr"):  # an adapter module: its wrapped layer
+            head = getattr(head, head.wrapped_attr)
+        if head is not None:
+            heads.add(id(head))
+    return heads
