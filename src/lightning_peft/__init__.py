@@ -11,6 +11,9 @@ from .inject import adapter_configs, delete_adapter, disable_adapters, inject_ad
 from .merge import export_merged, merge_adapters, merged_state_dict, unmerge_adapters
 from .quantize import MemoryReport, memory_report, quantize_base
 from .report import AdapterReport, adapter_report
+from .strategy import PEFTDDPStrategy, PEFTFSDPStrategy, PEFTStrategy, register_strategies, restore_adapters
+
+register_strategies()
 
 __version__ = "0.1.0"
 
@@ -18,6 +21,9 @@ __all__ = [
     "AdapterReport",
     "LoraConfig",
     "MemoryReport",
+    "PEFTDDPStrategy",
+    "PEFTFSDPStrategy",
+    "PEFTStrategy",
     "QuantConfig",
     "adapter_configs",
     "adapter_report",
@@ -30,6 +36,7 @@ __all__ = [
     "merge_adapters",
     "merged_state_dict",
     "quantize_base",
+    "restore_adapters",
     "save_adapter",
     "set_adapter",
     "unmerge_adapters",

@@ -211,3 +211,15 @@ class QuantConfig:
     @property
     def is_4bit(self) -> bool:
         return self.quant_type in ("nf4", "fp4")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (dtypes as names), for checkpoints and export manifests."""
+        return {"quant_type": self.quant_type, "double_quant": self.double_quant,
+                "compute_dtype": str(self.compute_dtype).removeprefix("torch."), "blocksize": self.blocksize,
+                "skip_modules": list(self.skip_modules),
+                "quant_storage": str(self.quant_storage).removeprefix("torch.")}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
+        dtypes = {k: getattr(torch, data[k]) for k in ("compute_dtype", "quant_storage") if k in data}
+        return cls(**{**data, **dtypes})

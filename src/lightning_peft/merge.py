@@ -202,9 +202,7 @@ def export_merged(model: nn.Module, directory: str | Path, dtype: torch.dtype = 
         "dtype": str(dtype).removeprefix("torch."),
         "adapter": _resolve(model, adapter_name) if configs else None,
         "adapter_config": configs[_resolve(model, adapter_name)].to_dict() if configs else None,
-        "quantized_base": None if quant is None else {"quant_type": quant.quant_type,
-                                                       "double_quant": quant.double_quant,
-                                                       "blocksize": quant.blocksize},
+        "quantized_base": None if quant is None else quant.to_dict(),
         "tensors": len(tensors),
         "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
     }

@@ -1,0 +1,305 @@
+"""``Trainer(strategy="qlora")``: quantize and freeze the base, inject adapters, at setup.
+
+One mixin, :class:`_PEFTSetup`, goes first in the MRO of Lightning's single-device, DDP and
+FSDP strategies. Lightning's call order sets the constraints (DESIGN.md section 3):
+
+- ``setup(trainer)`` is the one hook all three share: the LightningModule is modified there,
+  *before* ``super().setup`` moves it to the device, wraps it (DDP/FSDP) and builds optimizers.
+  ``setup`` runs again for validate/test/predict: adapters are injected once.
+- A checkpoint is restored *after* setup (``restore_checkpoint_after_setup``): before it, the
+  adapter tensors it holds would have nowhere to go.
+- Checkpoints hold adapter tensors only (plus ``modules_to_save`` copies and trained biases), the
+  adapter configs and the RNG states; loading is strict about adapter keys and shapes and
+  ignores the frozen base, which comes from the model's own construction.
+- DDP: ranks quantize identical float weights (broadcast from rank 0 first): DDP syncs the packed
+  4-bit bytes but not their absmax constants, so differently initialised ranks would diverge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Any, Mapping
+
+import torch
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy, StrategyRegistry
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import nn
+
+from .config import LoraConfig, QuantConfig
+from .inject import adapter_configs, adapter_parameters, inject_adapters, set_adapter
+from .quantize import quant_config, quantize_base
+
+CHECKPOINT_KEY = "lightning_peft"
+
+
+def _as_quant_config(quantization: None | str | QuantConfig) -> QuantConfig | None:
+    if quantization is None or isinstance(quantization, QuantConfig):
+        return quantization
+    if isinstance(quantization, str):
+        return QuantConfig(quant_type=quantization)
+    raise ValueError(f"quantization={quantization!r}: use None, 'nf4', 'fp4', 'int8' or a QuantConfig.")
+
+
+def rng_states() -> dict[str, Any]:
+    """Global RNG states (torch, CUDA, Python, NumPy) in a form ``torch.load(weights_only=True)``
+    accepts: tensors, ints and tuples only."""
+    states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+    except ImportError:
+        return states
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states["numpy"] = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_states`."""
+    torch.set_rng_state(states["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in states["python"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    if "numpy" in states:
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = states["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def adapter_state_keys(module: nn.Module) -> set[str]:
+    """State-dict keys of ``module`` that belong to any adapter (what our checkpoints hold)."""
+    return {key for name in adapter_configs(module) for key in adapter_parameters(module, name)}
+
+
+class _PEFTSetup:
+    """The PEFT part of every lightning-peft strategy; put it first in the MRO."""
+
+    def __init__(self, *args: Any, peft_config: LoraConfig | None = None,
+                 quantization: None | str | QuantConfig = None, adapter_name: str = "default", **kwargs: Any) -> None:
+        if peft_config is not None and not isinstance(peft_config, LoraConfig):
+            raise TypeError(f"peft_config must be a lightning_peft.LoraConfig, got {type(peft_config).__name__}.")
+        self.peft_config = peft_config or LoraConfig()
+        self.quant_config = _as_quant_config(quantization)
+        self.adapter_name = adapter_name
+        super().__init__(*args, **kwargs)
+
+    # ------------------------------------------------------------------------------ set-up
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+    def setup(self, trainer) -> None:
+        self._prepare_module(self.lightning_module)
+        super().setup(trainer)
+
+    def _prepare_module(self, module: nn.Module) -> None:
+        if adapter_configs(module):  # setup runs again for validate/test/predict after fit
+            return
+        if self.quant_config is not None and quant_config(module) is None:
+            self._sync_float_weights(module)
+            quantize_base(module, self.quant_config, device=self.root_device)
+        inject_adapters(module, self.peft_config, self.adapter_name)
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in module.parameters())
+        rank_zero_info(f"lightning-peft: {trainable:,} trainable of {total:,} parameters "
+                       f"({100 * trainable / max(total, 1):.3f} %), quantization="
+                       f"{self.quant_config.quant_type if self.quant_config else None}")
+
+    def _sync_float_weights(self, module: nn.Module) -> None:
+        """Hook for multi-process strategies: make the float weights identical before quantizing."""
+
+    def setup_optimizers(self, trainer) -> None:
+        super().setup_optimizers(trainer)
+        # A user's ``configure_optimizers`` usually passes ``self.parameters()``: keep only what
+        # trains, so optimizer state (and its checkpoint) never covers the frozen base. Groups
+        # stay in place (possibly empty) so that LR schedulers keep their per-group indices.
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if p.requires_grad]
+            if not any(group["params"] for group in optimizer.param_groups):
+                raise ValueError("configure_optimizers returned an optimizer with no trainable parameter after "
+                                 "lightning-peft froze the base; pass self.parameters() (or the adapters) to it.")
+
+    # -------------------------------------------------------------------------- checkpoints
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        keys = adapter_state_keys(self.lightning_module)
+        return {k: v for k, v in super().lightning_module_state_dict().items() if k in keys}
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        module = self.lightning_module
+        checkpoint[CHECKPOINT_KEY] = {
+            "adapters": {name: config.to_dict() for name, config in adapter_configs(module).items()},
+            "quantization": None if self.quant_config is None else self.quant_config.to_dict(),
+            "rng_states": rng_states(),
+        }
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        module = self.lightning_module
+        state = checkpoint["state_dict"]
+        own = {k: v for k, v in module.state_dict().items() if k in adapter_state_keys(module)}
+        _check_adapter_state(own, state, checkpoint.get(CHECKPOINT_KEY, {}).get("adapters"),
+                             {n: c.to_dict() for n, c in adapter_configs(module).items()})
+        module.load_state_dict(state, strict=False)
+        rng_states = checkpoint.get(CHECKPOINT_KEY, {}).get("rng_states")
+        if rng_states is not None:  # resume draws the same dropout masks as an uninterrupted run
+            set_rng_states(rng_states)
+
+
+def _check_adapter_state(own: dict[str, torch.Tensor], loaded: Mapping[str, Any],
+                         saved_configs: dict | None, configs: dict) -> None:
+    missing = sorted(own.keys() - loaded.keys())
+    unexpected = sorted(loaded.keys() - own.keys())
+    mismatched = [f"{k}: checkpoint {tuple(loaded[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in sorted(own.keys() & loaded.keys()) if loaded[k].shape != own[k].shape]
+    if not (missing or unexpected or mismatched):
+        return
+    lines = ["the checkpoint's adapter tensors do not fit this model's adapters:"]
+    for title, items in (("shape mismatch", mismatched), ("missing from the checkpoint", missing),
+                         ("in the checkpoint but not in the model", unexpected)):
+        if items:
+            lines.append(f"  {title} ({len(items)}): " + "; ".join(items[:6]) + (" ..." if len(items) > 6 else ""))
+    if saved_configs is not None and saved_configs != configs:
+        lines.append(f"  the checkpoint was written with adapter configs {saved_configs}, this run uses {configs}.")
+    lines.append("Resume with the same peft_config (r, target_modules, use_dora, modules_to_save) as the run "
+                 "that wrote the checkpoint; a checkpoint of a full fine-tune cannot resume a PEFT run.")
+    raise ValueError("\n".join(lines))
+
+
+def restore_adapters(module: nn.Module, checkpoint_path, quantize: bool = True) -> nn.Module:
+    """Put the adapters of a lightning-peft ``.ckpt`` into a freshly built module, in place.
+
+    The documented way back from a checkpoint (it holds no base weights)::
+
+        model = MyModule.load_from_checkpoint(path, strict=False)  # hyper-parameters + base
+        lp.restore_adapters(model, path)                          # quantize as trained, adapters
+
+    With ``quantize`` (default) the base is quantized as it was in training, so the model computes
+    what was trained; ``quantize=False`` keeps the float base. Adapter keys and shapes are checked
+    strictly, as on resume."""
+    from lightning.fabric.utilities.cloud_io import _load
+
+    checkpoint = _load(checkpoint_path, map_location="cpu", weights_only=False)
+    meta = checkpoint.get(CHECKPOINT_KEY)
+    if meta is None:
+        raise ValueError(f"{checkpoint_path} was not written by a lightning-peft strategy (no "
+                         f"'{CHECKPOINT_KEY}' entry); load it with LightningModule.load_from_checkpoint alone.")
+    if adapter_configs(module):
+        raise RuntimeError("the module already has adapters; build a fresh one before restore_adapters.")
+    if quantize and meta.get("quantization") and quant_config(module) is None:
+        quantize_base(module, QuantConfig.from_dict(meta["quantization"]))
+    for name, config in meta["adapters"].items():
+        inject_adapters(module, LoraConfig.from_dict(config, source=str(checkpoint_path)), name)
+    own = {k: v for k, v in module.state_dict().items() if k in adapter_state_keys(module)}
+    _check_adapter_state(own, checkpoint["state_dict"], None, {})
+    module.load_state_dict(checkpoint["state_dict"], strict=False)
+    set_adapter(module, next(iter(meta["adapters"])))
+    return module
+
+
+# ---------------------------------------------------------------------------------- strategies
+class PEFTStrategy(_PEFTSetup, SingleDeviceStrategy):
+    """Single-device PEFT: ``PEFTStrategy(peft_config=LoraConfig(...), quantization="nf4")``.
+
+    The device comes from the Trainer's ``accelerator``/``devices`` (or ``device=`` here); more
+    than one device is refused with a pointer to the ``_ddp`` strategies.
+    """
+
+    strategy_name = "lightning_peft"
+
+    def __init__(self, peft_config: LoraConfig | None = None, quantization: None | str | QuantConfig = None,
+                 device: str | torch.device | None = None, registered_name: str | None = None, **kwargs: Any) -> None:
+        super().__init__(peft_config=peft_config, quantization=quantization, device=device or "cpu", **kwargs)
+        self._parallel_devices = [torch.device(device)] if device is not None else None
+        self.registered_name = registered_name  # "qlora" etc. when made from a string: named in errors
+
+    # The accelerator connector fills ``parallel_devices`` from accelerator=/devices= when a
+    # strategy has the attribute and it is empty; root_device then follows it.
+    @property
+    def parallel_devices(self) -> list[torch.device] | None:
+        return self._parallel_devices
+
+    @parallel_devices.setter
+    def parallel_devices(self, devices: list[torch.device] | None) -> None:
+        if devices is not None and len(devices) > 1:
+            name = self.registered_name or "PEFTStrategy"
+            hint = f"strategy='{name}_ddp'" if self.registered_name else "PEFTDDPStrategy"
+            raise ValueError(f"strategy {name!r} runs on one device, but devices={len(devices)} were requested. "
+                             f"Use {hint} for several devices, or devices=1.")
+        self._parallel_devices = devices
+
+    @property
+    def root_device(self) -> torch.device:
+        return self._parallel_devices[0] if self._parallel_devices else self._root_device
+
+
+class PEFTDDPStrategy(_PEFTSetup, DDPStrategy):
+    """Data-parallel PEFT (``popen`` launch, one process per device; ``num_nodes`` for many machines)."""
+
+    def __init__(self, peft_config: LoraConfig | None = None, quantization: None | str | QuantConfig = None,
+                 **kwargs: Any) -> None:
+        start_method = kwargs.get("start_method", "popen")
+        if start_method != "popen":
+            raise ValueError(f"start_method={start_method!r} is not supported: with spawn/fork the main process "
+                             f"reloads the trained weights into its un-adapted model and the adapters are lost. "
+                             f"Use the default start_method='popen' (strategy='lora_ddp' / 'qlora_ddp'), which runs "
+                             f"your script once per device.")
+        super().__init__(peft_config=peft_config, quantization=quantization, **kwargs)
+
+    def _sync_float_weights(self, module: nn.Module) -> None:
+        if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            return
+        with torch.no_grad():
+            for tensor in list(module.parameters()) + list(module.buffers()):
+                if tensor.is_floating_point():
+                    torch.distributed.broadcast(tensor.data, src=0)
+
+
+class PEFTFSDPStrategy(_PEFTSetup, FSDPStrategy):
+    """Sharded PEFT over FSDP (CUDA only). A 4-bit base is stored in the compute dtype
+    (``quant_storage``) so FSDP can flatten it with the float parameters; ``use_orig_params``
+    lets frozen and trainable tensors share a unit."""
+
+    def __init__(self, peft_config: LoraConfig | None = None, quantization: None | str | QuantConfig = None,
+                 **kwargs: Any) -> None:
+        quant = _as_quant_config(quantization)
+        if quant is not None and quant.is_4bit and quant.quant_storage != quant.compute_dtype:
+            quant = dataclasses.replace(quant, quant_storage=quant.compute_dtype)
+        kwargs.setdefault("use_orig_params", True)
+        super().__init__(peft_config=peft_config, quantization=quant, **kwargs)
+
+    def setup_environment(self) -> None:
+        if self.root_device.type != "cuda":
+            raise RuntimeError(f"strategy 'qlora_fsdp' needs CUDA GPUs (bitsandbytes 4-bit layers under FSDP); this "
+                               f"run is on {self.root_device.type!r}. On CPU use strategy='qlora' (one process) or "
+                               f"'qlora_ddp' (several processes, gloo).")
+        super().setup_environment()
+
+
+def _recipe(use_dora: bool = False) -> LoraConfig:
+    """The practical recipe: r=16, alpha=32, dropout 0.05, all linear layers."""
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", use_dora=use_dora)
+
+
+NF4 = QuantConfig(quant_type="nf4", double_quant=True, compute_dtype=torch.bfloat16)
+
+REGISTERED = {
+    "lora": (PEFTStrategy, dict(peft_config=_recipe(), quantization=None)),
+    "qlora": (PEFTStrategy, dict(peft_config=_recipe(), quantization=NF4)),
+    "dora": (PEFTStrategy, dict(peft_config=_recipe(use_dora=True), quantization=None)),
+    "qdora": (PEFTStrategy, dict(peft_config=_recipe(use_dora=True), quantization=NF4)),
+    "lora_ddp": (PEFTDDPStrategy, dict(peft_config=_recipe(), quantization=None)),
+    "qlora_ddp": (PEFTDDPStrategy, dict(peft_config=_recipe(), quantization=NF4)),
+    "qlora_fsdp": (PEFTFSDPStrategy, dict(peft_config=_recipe(), quantization=NF4)),
+}
+
+
+def register_strategies() -> None:
+    """Register the names above with Lightning (done on ``import lightning_peft``)."""
+    for name, (cls, params) in REGISTERED.items():
+        if cls is PEFTStrategy:
+            params = {**params, "registered_name": name}
+        StrategyRegistry.register(name, cls, description=f"lightning-peft: {name}", override=True, **params)
