@@ -12,6 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore", message=".*kernels.*")
 
+# scripts/gpu_check.sh sets LP_TEST_DEVICE=cuda to run the model tests (4-bit ones above all) on a GPU
+DEVICE = torch.device(os.environ.get("LP_TEST_DEVICE", "cpu"))
+
 
 def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 2, vocab: int = 128):
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -20,7 +23,7 @@ def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 2, vocab: int = 12
     config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
                          max_position_embeddings=128, tie_word_embeddings=False)
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(config).eval().to(DEVICE)
 
 
 def tiny_gpt2(seed: int = 0, hidden: int = 64, layers: int = 2, vocab: int = 128):
@@ -29,11 +32,11 @@ def tiny_gpt2(seed: int = 0, hidden: int = 64, layers: int = 2, vocab: int = 128
     torch.manual_seed(seed)
     config = GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, vocab_size=vocab, n_positions=64,
                         bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return GPT2LMHeadModel(config).eval()
+    return GPT2LMHeadModel(config).eval().to(DEVICE)
 
 
 def token_batch(vocab: int = 128, batch: int = 2, seq: int = 12, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import lightning_peft as lp
-from conftest import realistic_adapter, rel_err, tiny_llama, token_batch
+from conftest import DEVICE, realistic_adapter, rel_err, tiny_llama, token_batch
 from lightning_peft.quantize import dequantize_weight, is_quantized, quantize_linear
 
 
@@ -32,8 +32,7 @@ def _packed_bytes(model):
 
 
 def test_nf4_round_trip_error_and_same_bytes_as_bitsandbytes():
-    weight = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0)) * 0.02
-    layer = quantize_linear(torch.nn.Linear(1024, 1024, bias=False), lp.QuantConfig())
+    weight = (torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0)) * 0.02).to(DEVICE)
     layer = quantize_linear(_linear_with(weight), lp.QuantConfig())
     error = ((dequantize_weight(layer).float() - weight).norm() / weight.norm()).item()
     assert error < 0.11
@@ -44,7 +43,7 @@ def test_nf4_round_trip_error_and_same_bytes_as_bitsandbytes():
 
 
 def _linear_with(weight):
-    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device)
     with torch.no_grad():
         linear.weight.copy_(weight)
     return linear
@@ -156,12 +155,12 @@ def test_qlora_training_on_cpu_learns_and_keeps_4bit_bytes():
     # initializer_range 0.1: a head with the logit range of a trained model (0.02 caps logits near 1)
     model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                                         initializer_range=0.1))
+                                         initializer_range=0.1)).to(DEVICE)
     lp.quantize_base(model, lp.QuantConfig())  # the recipe: NF4, double quant, bf16 compute
     lp.inject_adapters(model, lp.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0))
     packed = _packed_bytes(model)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    data = torch.randint(0, 128, (32, 16), generator=torch.Generator().manual_seed(1))
+    data = torch.randint(0, 128, (32, 16), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     losses = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import lightning as L
 import pytest
 import torch
@@ -14,7 +16,7 @@ from plain_module import CausalLM, sequences
 
 
 def _trainer(strategy, **kwargs):
-    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+    defaults = dict(accelerator=os.environ.get("LP_TEST_ACCELERATOR", "cpu"), devices=1, logger=False, enable_checkpointing=False,
                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     return L.Trainer(strategy=strategy, **{**defaults, **kwargs})
 

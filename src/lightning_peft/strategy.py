@@ -271,12 +271,37 @@ class PEFTFSDPStrategy(_PEFTSetup, FSDPStrategy):
         kwargs.setdefault("use_orig_params", True)
         super().__init__(peft_config=peft_config, quantization=quant, **kwargs)
 
+    def _prepare_module(self, module: nn.Module) -> None:
+        super()._prepare_module(module)
+        if "auto_wrap_policy" not in self.kwargs:
+            self.kwargs["auto_wrap_policy"] = peft_wrap_policy(module)
+
     def setup_environment(self) -> None:
         if self.root_device.type != "cuda":
             raise RuntimeError(f"strategy 'qlora_fsdp' needs CUDA GPUs (bitsandbytes 4-bit layers under FSDP); this "
                                f"run is on {self.root_device.type!r}. On CPU use strategy='qlora' (one process) or "
                                f"'qlora_ddp' (several processes, gloo).")
         super().setup_environment()
+
+
+def peft_wrap_policy(module: nn.Module):
+    """FSDP auto-wrap policy: each transformer block (the classes a transformers model lists in
+    ``_no_split_modules``) is a unit, and so is each adapter factor (``lora_A``/``lora_B`` layers and
+    other leaves with trainable tensors), so trainable and frozen tensors do not share a flat
+    parameter with one ``requires_grad``."""
+    from functools import partial
+
+    from torch.distributed.fsdp.wrap import _or_policy, lambda_auto_wrap_policy
+
+    block_names = {name for m in module.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
+
+    def is_unit(m: nn.Module) -> bool:
+        if type(m).__name__ in block_names:
+            return True
+        own = list(m.parameters(recurse=False))
+        return not list(m.children()) and bool(own) and all(p.requires_grad for p in own)
+
+    return partial(_or_policy, policies=[partial(lambda_auto_wrap_policy, lambda_fn=is_unit)])
 
 
 def _recipe(use_dora: bool = False) -> LoraConfig:
