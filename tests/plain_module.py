@@ -9,7 +9,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 
 class CausalLM(L.LightningModule):
-    def __init__(self, hidden: int = 64, layers: int = 2, vocab: int = 128, lr: float = 1e-2, seed: int = 0):
+    def __init__(self, hidden: int = 64, layers: int = 2, vocab: int = 128, lr: float = 1e-2, seed: int = 0,
+                 gradient_checkpointing: bool = False):
         super().__init__()
         self.save_hyperparameters()
         torch.manual_seed(seed)
@@ -17,6 +18,8 @@ class CausalLM(L.LightningModule):
         self.model = LlamaForCausalLM(LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden,
                                                   num_hidden_layers=layers, num_attention_heads=4,
                                                   num_key_value_heads=2, vocab_size=vocab, initializer_range=0.1))
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.losses: list[float] = []
 
     def forward(self, input_ids):

@@ -44,6 +44,16 @@ def test_qlora_flag_trains_adapters_only_and_checkpoint_has_no_base(tmp_path):
     assert checkpoint["lightning_peft"]["quantization"]["quant_type"] == "nf4"
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-true", "bf16-mixed"])
+def test_precisions_with_accumulation_and_gradient_checkpointing(precision):
+    module = CausalLM(gradient_checkpointing=True)
+    trainer = _trainer("qlora", precision=precision, max_steps=8, accumulate_grad_batches=2)
+    trainer.fit(module, sequences(n=16))  # two batches per optimizer step
+    assert len(module.losses) == 16 and all(torch.isfinite(torch.tensor(module.losses)))
+    assert sum(module.losses[-2:]) < sum(module.losses[:2])
+    assert module.model.model.gradient_checkpointing
+
+
 def test_validate_after_fit_does_not_inject_twice():
     module = CausalLM()
     trainer = _trainer("lora", max_steps=2)
