@@ -7,6 +7,7 @@ HF PEFT format, load PEFT's, merge them into the base; QLoRA: freeze the base in
 
 from .checkpoint import load_adapter, save_adapter
 from .config import LoraConfig, QuantConfig
+from .estimate import MemoryEstimate, estimate_memory
 from .inject import adapter_configs, delete_adapter, disable_adapters, inject_adapters, set_adapter
 from .merge import export_merged, merge_adapters, merged_state_dict, unmerge_adapters
 from .quantize import MemoryReport, memory_report, quantize_base
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterReport",
     "LoraConfig",
+    "MemoryEstimate",
     "MemoryReport",
     "PEFTDDPStrategy",
     "PEFTFSDPStrategy",
@@ -29,6 +31,7 @@ __all__ = [
     "adapter_report",
     "delete_adapter",
     "disable_adapters",
+    "estimate_memory",
     "export_merged",
     "inject_adapters",
     "load_adapter",

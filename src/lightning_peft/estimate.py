@@ -1,25 +1,28 @@
 r"""``estimate_memory``: the bytes a fine-tuning run needs, before you launch it.
 
 Five parts, in bytes (``n`` parameters, ``n_lin`` of them in the linear layers but the output
-head, ``t`` trainable, ``w`` bytes per element of ``weight_dtype``):
+head, ``t`` trainable; ``w`` bytes per element of ``weight_dtype``, ``a`` of the trainable ones):
 
-    part          full            lora          qlora
-    base weights  4 n             w n           q/8 n_lin + w (n - n_lin)
-    adapters      -               4 t           4 t
-    gradients     4 n             4 t           4 t
-    optimizer     o n             o t           o t
-    activations   tokens * (L * a_layer + a_head)           (tokens = batch * seq_len)
+    part          full            lora           qlora
+    base weights  4 n             w n            q/8 n_lin + w (n - n_lin)
+    adapters      -               a t            a t
+    gradients     4 n             a t            a t
+    optimizer     o n             o t            o t
+    activations   tokens * (L * a_layer + a_head)            (tokens = batch * seq_len)
 
+- ``a``, the trainable parameters' dtype, as lightning_peft creates them: fp32 for full
+  fine-tuning (master weights) and for adapters over NF4 (as in QLoRA); the base's dtype for LoRA
+  adapters over a float base (HF PEFT upcasts those to fp32: pass ``weight_dtype=torch.float32``
+  for its numbers).
 - ``q``, NF4 bits per weight: 4 + 8/64 + 32/(64 * 256) = 4.127 with double quantization (an 8-bit
   absmax per block of 64, an fp32 constant per 256 of those), 4 + 32/64 = 4.5 without.
-- ``o``, optimizer state per trainable parameter: ``adamw`` 8 (two fp32 moments),
-  ``adamw_8bit`` and ``paged_adamw_8bit`` 2 (two 8-bit moments; the paged one lives in memory
-  the driver can evict to the CPU, counted here all the same), ``sgd`` 0 (no momentum).
-- Full fine-tuning counts fp32 weights and fp32 gradients: 4 + 4 + 8 = 16 bytes/param with AdamW,
-  112 GB for 7B before activations. Mixed precision as in the ZeRO paper (bf16 weights 2 + bf16
-  gradients 2 + fp32 master weights 4 + moments 8) comes to the same 16.
-- Adapters, their gradients and optimizer state are fp32 (QLoRA's choice; lightning_peft keeps a
-  float base's dtype for LoRA adapters, which then take half: a rounding error next to the base).
+- ``o``, optimizer state per trainable parameter: ``adamw`` 2 a (two moments in the parameter's
+  dtype, as torch's AdamW keeps them: 8 for fp32), ``adamw_8bit`` and ``paged_adamw_8bit`` 2 (two
+  8-bit moments; the paged one lives in memory the driver can evict to the CPU, counted here all
+  the same), ``sgd`` 0 (no momentum).
+- Full fine-tuning: fp32 weights 4 + fp32 gradients 4 + AdamW moments 8 = 16 bytes/param, 112 GB
+  for 7B before activations. Mixed precision as in the ZeRO paper (bf16 weights 2 + bf16 gradients
+  2 + fp32 master weights 4 + moments 8) comes to the same 16; ``weight_dtype`` plays no part.
 
 Activations, for a Llama-style decoder layer (RMSNorm computed in fp32, fused attention, SwiGLU
 MLP), per token, with ``c`` bytes per element of ``compute_dtype``, ``h`` hidden size, ``h_kv``
@@ -29,26 +32,29 @@ width of k and v, ``i`` intermediate size, ``r`` the LoRA rank:
             + c (2 h + 2 h_kv)     q, k, v and the attention output, kept by the fused kernel
                                    (sdpa / flash: no s x s score matrix); the output is o_proj's input
             + 3 c i                SwiGLU: gate (SiLU's input), SiLU(gate), up
-            + c (2 h + i)          inputs of the linear layers: the two norm outputs (shared by
-                                   q/k/v and by gate/up) and down_proj's input
+            + inputs of the linear layers, kept for the weight gradients, one of:
+              c (2 h + i)          shared: the two norm outputs (one for q/k/v, one for gate/up) and
+                                   down_proj's input; full fine-tuning, and LoRA without dropout
+                                   whose adapters compute in the activations' dtype (a = c)
+              (a + d) sum(in)      LoRA otherwise: each adapted layer keeps its own input (a
+                                   dropped-out copy, or the cast to the adapters' dtype) and a 1-byte
+                                   dropout mask (d = 1 with dropout, else 0); sum(in) adds the
+                                   in_features of the adapted layers, 6 h + i for all linear ones
     full:   + 2 c h                the normalized input each RMSNorm weight needs for its gradient
-    LoRA:   + c r per adapted layer           A x, kept for B's gradient
-    LoRA with dropout: (c + 1) * (in_features summed over the adapted layers) replaces c (2 h + i):
-                                   every adapted layer keeps its own dropped-out input and a
-                                   1-byte mask, (c + 1)(6 h + i) for all linear layers
+    LoRA:   + a r per adapted layer           A x, kept for B's gradient
 
     a_head  = 4 h + 12 V           the final norm's fp32 input; cross-entropy keeps the fp32
-                                   log-probabilities (4 V), and backward starts with two more
-                                   fp32 tensors of that size (their gradient, the logits')
+                                   log-probabilities (4 V), and backward starts with two more fp32
+                                   tensors of that size (their gradient, then the logits')
     full:   + 2 c h                the final norm's normalized input, lm_head's input
 
 With ``gradient_checkpointing`` (one checkpoint per decoder layer, as transformers'
 ``gradient_checkpointing_enable``) a layer keeps only its input, ``L * c h``, and one layer's
-activations are rebuilt at a time: ``tokens * (L * c h + a_layer + a_head)``. Measured against
-what autograd saves on an HF Llama in fp32 the formula is within 3% (it ignores that the first
-layer's input needs no gradient). Eager attention also keeps the ``heads x seq_len`` attention
-probabilities per token and layer (once or twice): use sdpa. Not counted: the optimizer step's
-temporaries, a dequantized weight during a QLoRA matmul, the allocator's caching.
+activations are rebuilt at a time: ``tokens * (L * c h + a_layer + a_head)``. Against the bytes
+autograd saves on an HF Llama (fp32 and bf16, full, LoRA, QLoRA) the formula is within 3%: it
+ignores that the first layer's input needs no gradient. Eager attention also keeps the
+``heads x seq_len`` attention probabilities per token and layer: use sdpa. Not counted: the
+optimizer step's temporaries, a dequantized weight during a QLoRA matmul, the allocator's caching.
 
 Given a module, the shapes are read from it: parameters, the linear layers (the adapters are
 ``r (in + out)`` per adapted layer, chosen by the rules of ``inject_adapters``) and ``h``, ``L``,
@@ -68,11 +74,12 @@ from rich.table import Table
 from torch import nn
 
 from .config import LoraConfig
-from .inject import _find_targets, _output_head, _unwrap, adapter_configs
+from .inject import _find_targets, _unwrap, adapter_configs
+from .modules import output_heads
 from .quantize import is_quantized
 
 METHODS = ("full", "lora", "qlora")
-OPTIMIZER_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "sgd": 0}
+OPTIMIZER_STATES = ("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd")
 NF4_BITS = {True: 4 + 8 / 64 + 32 / (64 * 256), False: 4 + 32 / 64}  # by double_quant
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -95,12 +102,13 @@ class MemoryEstimate:
         return self.base_weights + self.adapters + self.gradients + self.optimizer + self.activations
 
     def table(self) -> Table:
-        table = Table(title=f"lightning-peft memory estimate: {self.method}, {self.params:,} params, "
-                            f"{self.trainable_params:,} trainable")
+        table = Table(title=f"lightning-peft memory estimate ({self.method})",
+                      caption=f"{self.params:,} params, {self.trainable_params:,} trainable", min_width=50)
         table.add_column("part")
         table.add_column("GB", justify="right")
+        table.add_column("bytes", justify="right")
         for part in ("base_weights", "adapters", "gradients", "optimizer", "activations", "total"):
-            table.add_row(part.replace("_", " "), f"{getattr(self, part) / 1e9:.2f}")
+            table.add_row(part.replace("_", " "), f"{getattr(self, part) / 1e9:.2f}", f"{getattr(self, part):,}")
         return table
 
 
@@ -147,8 +155,8 @@ def estimate_memory(model_or_n_params: nn.Module | int, method: str = "qlora", *
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r}: choose one of {list(METHODS)}.")
-    if optimizer not in OPTIMIZER_BYTES:
-        raise ValueError(f"optimizer={optimizer!r}: choose one of {list(OPTIMIZER_BYTES)}.")
+    if optimizer not in OPTIMIZER_STATES:
+        raise ValueError(f"optimizer={optimizer!r}: choose one of {list(OPTIMIZER_STATES)}.")
     for name, value in (("r", r), ("batch", batch), ("seq_len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name}={value!r}: must be a positive int.")
@@ -166,6 +174,7 @@ def estimate_memory(model_or_n_params: nn.Module | int, method: str = "qlora", *
 
     w, c = weight_dtype.itemsize, compute_dtype.itemsize
     full = method == "full"
+    a = w if method == "lora" else 4  # bytes of a trainable parameter (module docstring)
     if full:
         trainable, base = shape.params, 4 * shape.params
     else:
@@ -173,20 +182,21 @@ def estimate_memory(model_or_n_params: nn.Module | int, method: str = "qlora", *
                      else shape.adapter_params)
         base = w * shape.params if method == "lora" else round(
             shape.linear_params * NF4_BITS[double_quant] / 8 + w * (shape.params - shape.linear_params))
+    optimizer_bytes = {"adamw": 2 * a, "adamw_8bit": 2, "paged_adamw_8bit": 2, "sgd": 0}[optimizer]
 
     h, h_kv, i, L = shape.hidden, shape.kv_hidden, shape.intermediate, shape.layers
     per_layer = 8 * h + c * (2 * h + 2 * h_kv) + 3 * c * i
-    if not full and lora_dropout > 0:
-        per_layer += (c + 1) * shape.adapted_inputs // L
-    else:
+    if full or (lora_dropout == 0 and a == c):  # the linear layers' inputs are shared, as in the model
         per_layer += c * (2 * h + i)
-    per_layer += 2 * c * h if full else c * r * shape.adapted_layers // L
+    else:  # each adapter keeps its own copy of its input (+ a 1-byte dropout mask)
+        per_layer += (a + (lora_dropout > 0)) * shape.adapted_inputs // L
+    per_layer += 2 * c * h if full else a * r * shape.adapted_layers // L
     head = 4 * h + 12 * shape.vocab + (2 * c * h if full else 0)
     per_token = (L * c * h + per_layer if gradient_checkpointing else L * per_layer) + head
 
     estimate = MemoryEstimate(method=method, params=shape.params, trainable_params=trainable,
-                              base_weights=base, adapters=0 if full else 4 * trainable,
-                              gradients=4 * trainable, optimizer=OPTIMIZER_BYTES[optimizer] * trainable,
+                              base_weights=base, adapters=0 if full else a * trainable,
+                              gradients=a * trainable, optimizer=optimizer_bytes * trainable,
                               activations=batch * seq_len * per_token)
     if show:
         (console or Console()).print(estimate.table())
@@ -198,9 +208,9 @@ def _module_shape(model: nn.Module, r: int, target_modules, given: dict) -> _Sha
         raise ValueError("estimate_memory reads the model as loaded: call it before quantize_base / "
                          "inject_adapters (or pass the parameter count).")
     params = sum(p.numel() for p in model.parameters())
-    head = _output_head(model)
+    head_ids = output_heads(model)
     linear = [m for path, m in model.named_modules()  # what quantize_base quantizes: all but the head
-              if type(m) is nn.Linear and m is not head and path.rsplit(".", 1)[-1] != "lm_head"]
+              if type(m) is nn.Linear and id(m) not in head_ids and path.rsplit(".", 1)[-1] != "lm_head"]
     targets = [_unwrap(m) for _, m in _find_targets(model, LoraConfig(r=r, target_modules=target_modules))]
     config = getattr(model, "config", None)
     h, i, vocab, layers = _llama_dims(params, {key: given[key] or getattr(config, attr, None) for key, attr in (
