@@ -20,7 +20,7 @@ from torch import nn
 
 from .atomic import atomic_write
 from .config import LoraConfig
-from .inject import adapter_configs, adapter_modules, adapter_parameters, delete_adapter, inject_adapters, set_adapter
+from .inject import adapter_configs, adapter_modules, adapter_owner, adapter_parameters, delete_adapter, inject_adapters, set_adapter
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -29,7 +29,9 @@ KEY_PREFIX = "base_model.model."
 
 
 def adapter_tensors(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """``{key in the PEFT file: live tensor}`` for everything that belongs to ``adapter_name``."""
+    """``{key in the PEFT file: live tensor}`` for everything that belongs to ``adapter_name``;
+    paths are relative to the module the adapters were injected into (:func:`adapter_owner`)."""
+    model = adapter_owner(model) or model
     tensors: dict[str, torch.Tensor] = {}
     owned: set[int] = set()
     for path, module in adapter_modules(model):
@@ -46,6 +48,9 @@ def adapter_tensors(model: nn.Module, adapter_name: str = "default") -> dict[str
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
     """Write adapter ``adapter_name`` of ``model`` to ``directory`` (created if needed).
 
+    ``model`` may also be an outer module (a LightningModule): the file's keys are relative to the
+    module the adapters were injected into, as PEFT expects.
+
     The weights are written before the config, each atomically, so a reader never sees a config
     that points at missing weights. Returns the directory."""
     configs = adapter_configs(model)
@@ -56,7 +61,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     tensors = {k: t.detach().to("cpu").contiguous() for k, t in adapter_tensors(model, adapter_name).items()}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     config = configs[adapter_name].to_dict()
-    config["base_model_name_or_path"] = getattr(model, "name_or_path", None) or None
+    config["base_model_name_or_path"] = getattr(adapter_owner(model), "name_or_path", None) or None
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(text))
     return directory

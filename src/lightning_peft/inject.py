@@ -3,7 +3,9 @@
 Works on any ``torch.nn.Module`` (no Trainer needed). Targeted layers are replaced by an
 adapter module that wraps them (``q_proj`` becomes ``LoraLayer(base_layer=q_proj)``), so module
 paths and state-dict keys match HF PEFT's in-memory layout. The configs of the injected adapters
-are kept on the model as ``model.lp_adapter_configs`` (``{adapter name: config}``).
+are kept on the module they were injected into as ``lp_adapter_configs`` (``{adapter name:
+config}``); functions given an outer module (a LightningModule holding a transformers model) find
+them there.
 """
 
 from __future__ import annotations
@@ -19,15 +21,22 @@ from torch import nn
 from .config import LoraConfig
 from .methods import AdapterModule, LoraLayer, ModulesToSave
 from .methods.lora import base_kind
-from .modules import output_heads, replace_module
+from .modules import find_attribute, output_heads, replace_module
 
 CONFIGS_ATTR = "lp_adapter_configs"
 
 
 # ---------------------------------------------------------------------------- model inspection
 def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
-    """``{adapter name: config}`` of the adapters injected into ``model`` (empty if none)."""
-    return getattr(model, CONFIGS_ATTR, {})
+    """``{adapter name: config}`` of the adapters injected into ``model`` or a submodule of it
+    (empty if none). Target paths in the configs are relative to :func:`adapter_owner`."""
+    return find_attribute(model, CONFIGS_ATTR)[1] or {}
+
+
+def adapter_owner(model: nn.Module) -> nn.Module | None:
+    """The module the adapters were injected into: ``model`` itself or the submodule (say, the
+    transformers model inside a LightningModule) whose paths the adapter files use."""
+    return find_attribute(model, CONFIGS_ATTR)[0]
 
 
 def adapter_modules(model: nn.Module) -> Iterator[tuple[str, AdapterModule]]:
@@ -117,6 +126,11 @@ def inject_adapters(model: nn.Module, config: LoraConfig, adapter_name: str = "d
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(f"adapter_name={adapter_name!r}: use a non-empty name without dots.")
     configs = adapter_configs(model)
+    owner = adapter_owner(model)
+    if owner is not None and owner is not model:
+        path = next(p for p, m in model.named_modules() if m is owner)
+        raise ValueError(f"adapters were injected into the submodule {path!r} of this model; inject further "
+                         f"adapters there too (inject_adapters(model.{path}, ...)).")
     if adapter_name in configs:
         raise ValueError(f"model already has an adapter named {adapter_name!r} (has {list(configs)}); "
                          f"pick another adapter_name.")
@@ -162,13 +176,14 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     if adapter_name not in configs:
         raise ValueError(f"no adapter named {adapter_name!r}; this model has {list(configs)}.")
     _refuse_if_merged(model, "delete an adapter")
+    owner = adapter_owner(model)
     for path, module in list(adapter_modules(model)):
         if adapter_name in module.adapter_names():
             module.remove_adapter(adapter_name)
         if not module.adapter_names():
             replace_module(model, path, getattr(module, module.wrapped_attr))
     remaining = {k: v for k, v in configs.items() if k != adapter_name}
-    object.__setattr__(model, CONFIGS_ATTR, remaining)
+    object.__setattr__(owner, CONFIGS_ATTR, remaining)
     if remaining:
         set_adapter(model, next(iter(remaining)))
     return model

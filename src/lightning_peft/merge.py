@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .atomic import atomic_write
-from .inject import adapter_configs, adapter_modules
+from .inject import adapter_configs, adapter_modules, adapter_owner
 from .methods import LoraLayer, ModulesToSave
 from .quantize import dequantize_weight, is_quantized, quant_config, requantize_
 
@@ -141,7 +141,9 @@ def merged_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict
     """The state dict of the plain architecture with adapter ``adapter_name`` (default: the
     active one) merged in: original key names, quantized weights dequantized, adapter tensors
     gone, ``modules_to_save`` copies in place of the originals. Merged weights are fp32 or wider;
-    other tensors keep their dtype. Nothing in ``model`` changes."""
+    other tensors keep their dtype. Nothing in ``model`` changes. Keys are relative to the module
+    the adapters were injected into (the transformers model inside a LightningModule)."""
+    model = adapter_owner(model) or model
     name = _resolve(model, adapter_name) if adapter_configs(model) else None
     state: dict[str, torch.Tensor] = {}
 

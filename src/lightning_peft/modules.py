@@ -5,6 +5,17 @@ from __future__ import annotations
 from torch import nn
 
 
+def find_attribute(model: nn.Module, attr: str):
+    """``(module, value)`` for the first module of ``model`` (pre-order, ``model`` first) that holds
+    ``attr``, or ``(None, None)``. Bookkeeping such as adapter configs lives on the module the
+    adapters were injected into, which may sit inside a LightningModule."""
+    for module in model.modules():
+        value = module.__dict__.get(attr)
+        if value:
+            return module, value
+    return None, None
+
+
 def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     """Put ``new`` at dotted ``path`` inside ``model``."""
     parent_path, _, child = path.rpartition(".")

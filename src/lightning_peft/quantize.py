@@ -24,7 +24,7 @@ from rich.table import Table
 from torch import nn
 
 from .config import QuantConfig
-from .modules import output_heads, replace_module
+from .modules import find_attribute, output_heads, replace_module
 
 QUANT_CONFIG_ATTR = "lp_quant_config"
 
@@ -35,8 +35,8 @@ def is_quantized(module: nn.Module) -> bool:
 
 
 def quant_config(model: nn.Module) -> QuantConfig | None:
-    """The :class:`QuantConfig` ``model`` was quantized with, or None."""
-    return getattr(model, QUANT_CONFIG_ATTR, None)
+    """The :class:`QuantConfig` ``model`` (or the submodule of it that was quantized) used, or None."""
+    return find_attribute(model, QUANT_CONFIG_ATTR)[1]
 
 
 def dequantize_weight(module: nn.Module) -> torch.Tensor:

@@ -69,6 +69,17 @@ def set_rng_states(states: dict[str, Any]) -> None:
         np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
+def peft_target(module: nn.Module) -> nn.Module:
+    """Where adapters go: the one direct child of a LightningModule that holds all its linear
+    layers (``self.model``, typically a transformers model, whose paths the adapter files then use),
+    or the module itself."""
+    linear_paths = [path for path, m in module.named_modules() if isinstance(m, nn.Linear)]
+    heads = {path.split(".", 1)[0] for path in linear_paths}
+    if len(heads) == 1 and all("." in path for path in linear_paths):
+        return module.get_submodule(heads.pop())
+    return module
+
+
 def adapter_state_keys(module: nn.Module) -> set[str]:
     """State-dict keys of ``module`` that belong to any adapter (what our checkpoints hold)."""
     return {key for name in adapter_configs(module) for key in adapter_parameters(module, name)}
@@ -98,10 +109,14 @@ class _PEFTSetup:
     def _prepare_module(self, module: nn.Module) -> None:
         if adapter_configs(module):  # setup runs again for validate/test/predict after fit
             return
+        target = peft_target(module)
         if self.quant_config is not None and quant_config(module) is None:
             self._sync_float_weights(module)
-            quantize_base(module, self.quant_config, device=self.root_device)
-        inject_adapters(module, self.peft_config, self.adapter_name)
+            quantize_base(target, self.quant_config, device=self.root_device)
+            for param in module.parameters():  # the LightningModule's own extras are base too
+                param.requires_grad_(False)
+        inject_adapters(target, self.peft_config, self.adapter_name)
+        set_adapter(module, self.adapter_name)  # freezes what lies outside the target as well
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
         total = sum(p.numel() for p in module.parameters())
         rank_zero_info(f"lightning-peft: {trainable:,} trainable of {total:,} parameters "
@@ -190,9 +205,9 @@ def restore_adapters(module: nn.Module, checkpoint_path, quantize: bool = True) 
     if adapter_configs(module):
         raise RuntimeError("the module already has adapters; build a fresh one before restore_adapters.")
     if quantize and meta.get("quantization") and quant_config(module) is None:
-        quantize_base(module, QuantConfig.from_dict(meta["quantization"]))
+        quantize_base(peft_target(module), QuantConfig.from_dict(meta["quantization"]))
     for name, config in meta["adapters"].items():
-        inject_adapters(module, LoraConfig.from_dict(config, source=str(checkpoint_path)), name)
+        inject_adapters(peft_target(module), LoraConfig.from_dict(config, source=str(checkpoint_path)), name)
     own = {k: v for k, v in module.state_dict().items() if k in adapter_state_keys(module)}
     _check_adapter_state(own, checkpoint["state_dict"], None, {})
     module.load_state_dict(checkpoint["state_dict"], strict=False)
