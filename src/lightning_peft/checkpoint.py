@@ -26,6 +26,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 KEY_PREFIX = "base_model.model."
+TRAINING_STATE = "training_state.ckpt"  # beside the adapter files in an AdapterCheckpoint save
 
 
 def adapter_tensors(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
@@ -136,3 +137,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
             tensor.copy_(loaded[key].to(tensor.dtype))
     set_adapter(model, adapter_name, trainable=trainable)
     return model
+
+
+def read_training_state(directory: str | os.PathLike, map_location=None, weights_only: bool | None = None) -> dict:
+    """The Lightning checkpoint inside an AdapterCheckpoint save directory."""
+    path = Path(directory) / TRAINING_STATE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is a directory without {TRAINING_STATE}: not an AdapterCheckpoint save "
+                                f"(a directory of adapter files alone loads with lightning_peft.load_adapter).")
+    return torch.load(path, map_location=map_location or "cpu", weights_only=True if weights_only is None else weights_only)

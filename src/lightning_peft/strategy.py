@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -26,6 +27,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDevice
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
+from .checkpoint import read_training_state
 from .config import LoraConfig, QuantConfig
 from .inject import adapter_configs, adapter_parameters, inject_adapters, set_adapter
 from .quantize import quant_config, quantize_base
@@ -67,6 +69,15 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
         name, keys, pos, has_gauss, cached = states["numpy"]
         np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def checkpoint_meta(module: nn.Module) -> dict[str, Any]:
+    """What a checkpoint carries besides tensors: the adapter configs, the quantization and the RNG
+    states (so that a resumed run draws the same dropout masks)."""
+    quant = quant_config(module)
+    return {"adapters": {name: config.to_dict() for name, config in adapter_configs(module).items()},
+            "quantization": None if quant is None else quant.to_dict(),
+            "rng_states": rng_states()}
 
 
 def peft_target(module: nn.Module) -> nn.Module:
@@ -144,13 +155,13 @@ class _PEFTSetup:
         return {k: v for k, v in super().lightning_module_state_dict().items() if k in keys}
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
-        module = self.lightning_module
-        checkpoint[CHECKPOINT_KEY] = {
-            "adapters": {name: config.to_dict() for name, config in adapter_configs(module).items()},
-            "quantization": None if self.quant_config is None else self.quant_config.to_dict(),
-            "rng_states": rng_states(),
-        }
+        checkpoint[CHECKPOINT_KEY] = checkpoint_meta(self.lightning_module)
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        if Path(checkpoint_path).is_dir():  # an AdapterCheckpoint save directory
+            return read_training_state(checkpoint_path, weights_only=weights_only)
+        return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         module = self.lightning_module

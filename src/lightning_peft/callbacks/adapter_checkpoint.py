@@ -1,0 +1,145 @@
+"""``AdapterCheckpoint``: ModelCheckpoint semantics, but each save is an adapter directory.
+
+A save is a directory in the HF PEFT format (``adapter_config.json`` +
+``adapter_model.safetensors``, loadable by ``peft.PeftModel.from_pretrained``; further adapters in
+sub-folders named after them, as PEFT does) plus ``training_state.ckpt``: Lightning's checkpoint
+(optimizers, schedulers, loops, callbacks, RNG states) with the adapter tensors only, no base
+weights. ``trainer.fit(model, ckpt_path=<that directory>)`` resumes from it.
+
+Each save is written to a hidden temporary directory beside its destination and renamed into
+place once complete: a crash mid-save leaves no directory that looks like a checkpoint, and the
+previous ones stay loadable.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from ..checkpoint import TRAINING_STATE, read_training_state, save_adapter
+from ..inject import adapter_configs
+from ..strategy import (CHECKPOINT_KEY, _check_adapter_state, _PEFTSetup, adapter_state_keys, checkpoint_meta,
+                        set_rng_states)
+
+
+class AdapterCheckpointIO(CheckpointIO):
+    """Reads adapter-checkpoint directories (their ``training_state.ckpt``); anything else goes to
+    the checkpoint IO it wraps. Installed by :class:`AdapterCheckpoint` so that
+    ``fit(ckpt_path=<directory>)`` works with any strategy."""
+
+    def __init__(self, wrapped: CheckpointIO) -> None:
+        self.wrapped = wrapped
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        self.wrapped.save_checkpoint(checkpoint, path, storage_options=storage_options)
+
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+        if Path(path).is_dir():
+            return read_training_state(path, map_location, weights_only)
+        return self.wrapped.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
+    def remove_checkpoint(self, path) -> None:
+        self.wrapped.remove_checkpoint(path)
+
+    def teardown(self) -> None:
+        self.wrapped.teardown()
+
+
+class AdapterCheckpoint(ModelCheckpoint):
+    """Save adapter directories during training; arguments as ``ModelCheckpoint``'s.
+
+    Args:
+        dirpath: where the save directories go (``epoch=0-step=10``, ``last``, ...).
+        monitor / mode / save_top_k: keep the best ``save_top_k`` by ``monitor`` (the last one when
+            ``monitor`` is None); older saves are deleted.
+        every_n_train_steps / every_n_epochs: how often to save (default: every epoch).
+        save_last: also keep an up-to-date ``last`` directory.
+
+    ``best_adapter_path`` is the best save's directory. Only global rank 0 writes.
+    """
+
+    FILE_EXTENSION = ""  # a save is a directory
+
+    def __init__(self, dirpath, monitor: str | None = None, mode: str = "min", save_top_k: int = 1,
+                 every_n_train_steps: int | None = None, every_n_epochs: int | None = None,
+                 save_last: bool = True, filename: str | None = None, **kwargs: Any) -> None:
+        if save_last not in (True, False, None):
+            raise ValueError(f"save_last={save_last!r}: AdapterCheckpoint supports True or False (a 'link' to a "
+                             f"directory is not portable).")
+        if kwargs.get("save_weights_only"):
+            raise ValueError("save_weights_only=True: an adapter save is small already, and training_state.ckpt is "
+                             "what makes it resumable; use lightning_peft.save_adapter for adapter files alone.")
+        super().__init__(dirpath=dirpath, filename=filename, monitor=monitor, mode=mode, save_top_k=save_top_k,
+                         every_n_train_steps=every_n_train_steps, every_n_epochs=every_n_epochs,
+                         save_last=save_last, **kwargs)
+
+    @property
+    def best_adapter_path(self) -> str:
+        return self.best_model_path
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if not isinstance(trainer.strategy.checkpoint_io, AdapterCheckpointIO):  # before any restore
+            trainer.strategy.checkpoint_io = AdapterCheckpointIO(trainer.strategy.checkpoint_io)
+        if not isinstance(trainer.strategy, _PEFTSetup):
+            # our saves hold no base weights: Lightning's own strategies must not demand them
+            # (on_load_checkpoint below checks the adapter keys strictly instead)
+            pl_module.strict_loading = False
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if not adapter_configs(pl_module):  # strategies inject in their setup, after ours
+            raise RuntimeError("AdapterCheckpoint found no adapters in the LightningModule; use a lightning-peft "
+                               "strategy (e.g. strategy='qlora') or call lightning_peft.inject_adapters on its model.")
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        # our strategies restore the RNG states themselves; under any other strategy do it here
+        meta = checkpoint.get(CHECKPOINT_KEY)
+        if meta and not isinstance(trainer.strategy, _PEFTSetup):
+            own = {k: v for k, v in pl_module.state_dict().items() if k in adapter_state_keys(pl_module)}
+            _check_adapter_state(own, checkpoint["state_dict"], meta["adapters"],
+                                 {n: c.to_dict() for n, c in adapter_configs(pl_module).items()})
+            set_rng_states(meta["rng_states"])
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        module = trainer.lightning_module
+        keys = adapter_state_keys(module)  # the strategy may not be ours: drop the base here
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
+        checkpoint.setdefault(CHECKPOINT_KEY, checkpoint_meta(module))
+        if trainer.is_global_zero:
+            _write_directory(Path(filepath), module, checkpoint)
+        trainer.strategy.barrier("AdapterCheckpoint._save_checkpoint")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(self)
+
+    def _remove_checkpoint(self, trainer, filepath: str) -> None:
+        if trainer.is_global_zero and os.path.isdir(filepath):
+            shutil.rmtree(filepath)
+
+
+def _write_directory(path: Path, module, checkpoint: dict[str, Any]) -> None:
+    """Write a complete save into a temporary directory, then rename it to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
+    tmp.mkdir()
+    try:
+        for index, name in enumerate(adapter_configs(module)):
+            save_adapter(module, tmp if index == 0 else tmp / name, name)
+        torch.save(checkpoint, tmp / TRAINING_STATE)
+        if path.exists():  # "last", or a re-save of the same step: swap, then drop the old one
+            os.rename(path, old)
+        os.rename(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)

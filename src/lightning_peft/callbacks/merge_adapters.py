@@ -1,0 +1,171 @@
+"""``MergeAdapters``: after fit, export the merged model and check that it computes what the
+adapted model does.
+
+On global rank 0, at the end of ``fit``: :func:`lightning_peft.export_merged` writes
+``model.safetensors`` (4-bit weights dequantized, adapters merged in fp32, then cast to ``dtype``)
+with the keys of the adapted model (the transformers model inside the LightningModule). With
+``verify``, the export is loaded into a plain copy of that architecture (lightning-peft layers
+replaced by ``nn.Linear``/the original modules, every tensor from the file, strict keys), run in
+fp32 on a probe batch, and compared with the adapted model's output. A rich table shows the
+errors; beyond the tolerance the callback raises.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.callbacks import Callback
+from rich.console import Console
+from rich.table import Table
+from safetensors.torch import load_file
+from torch import nn
+
+from ..inject import adapter_configs, adapter_owner
+from ..merge import export_merged
+from ..methods import AdapterModule
+from ..quantize import is_quantized
+
+DEFAULT_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def _plain_module(module: nn.Module) -> nn.Module:
+    if isinstance(module, AdapterModule):
+        module = getattr(module, module.wrapped_attr)
+    if is_quantized(module):
+        module = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+    return module
+
+
+def _unwrap_children(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        plain = _plain_module(child)
+        if plain is not child:
+            setattr(module, name, plain)
+        _unwrap_children(plain)
+
+
+def plain_copy(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """The architecture of ``model`` without lightning-peft: adapter modules give way to the
+    module they wrap, 4-bit/8-bit layers to ``nn.Linear``, and every tensor comes from ``weights``
+    (strict: a missing or extra key raises). fp32, on the CPU."""
+    # copy the structure, not the data: every tensor becomes an empty meta tensor in the copy
+    # (non-persistent buffers, such as rotary frequencies, are not in the file: those are copied)
+    memo: dict[int, Any] = {id(p): nn.Parameter(torch.empty(p.shape, device="meta"), requires_grad=False)
+                            for p in model.parameters()}
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                memo[id(buffer)] = torch.empty(buffer.shape, dtype=buffer.dtype, device="meta")
+    skeleton = copy.deepcopy(model, memo)
+    _unwrap_children(skeleton)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
+    skeleton.load_state_dict(state, strict=True, assign=True)
+    return skeleton.eval()
+
+
+def model_output(model: nn.Module, batch: Any) -> torch.Tensor:
+    """Call ``model`` on a batch (tensor: positional; dict: keywords; tuple/list: its first item as
+    ``input_ids``-like input) and return its logits/tensor output as fp32."""
+    if isinstance(batch, dict):
+        out = model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        out = model(batch[0])
+    else:
+        out = model(batch)
+    out = getattr(out, "logits", out)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return out.float()
+
+
+class MergeAdapters(Callback):
+    """Export the merged model at the end of ``fit`` and verify it.
+
+    Args:
+        output_dir: where ``model.safetensors`` and ``lightning_peft_export.json`` go.
+        dtype: dtype of the exported float tensors.
+        verify: reload the export into the plain architecture and compare outputs.
+        probe_batch: the batch to compare on (default: the first validation batch, else the first
+            training batch); called as ``model(batch)`` or ``model(**batch)`` for a dict.
+        tolerance: largest accepted ``||export - adapted|| / ||adapted||`` (default 1e-5 for fp32
+            exports, 1e-2 for bf16/fp16).
+        adapter_name: which adapter to merge (default: the active one).
+    """
+
+    def __init__(self, output_dir, dtype: torch.dtype = torch.bfloat16, verify: bool = True,
+                 probe_batch: Any = None, tolerance: float | None = None, adapter_name: str | None = None) -> None:
+        if dtype not in DEFAULT_TOLERANCE:
+            raise ValueError(f"dtype={dtype}: export as one of {list(DEFAULT_TOLERANCE)}.")
+        self.output_dir = Path(output_dir)
+        self.dtype = dtype
+        self.verify = verify
+        self.probe_batch = probe_batch
+        self.tolerance = DEFAULT_TOLERANCE[dtype] if tolerance is None else tolerance
+        self.adapter_name = adapter_name
+        self.export_path: Path | None = None
+        self.errors: dict[str, float] = {}
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            self._export_and_verify(trainer, pl_module)
+        trainer.strategy.barrier("MergeAdapters.on_fit_end")
+
+    def _export_and_verify(self, trainer, pl_module) -> None:
+        if not adapter_configs(pl_module):
+            raise RuntimeError("MergeAdapters found no adapters to merge; use a lightning-peft strategy or "
+                               "lightning_peft.inject_adapters on the LightningModule's model.")
+        model = adapter_owner(pl_module)
+        self.export_path = export_merged(model, self.output_dir, dtype=self.dtype, adapter_name=self.adapter_name)
+        if self.verify:
+            self.errors = self._compare(trainer, model)
+        self._report()
+        if self.verify and not self.errors["rel"] <= self.tolerance:
+            raise RuntimeError(f"the merged export {self.export_path} does not reproduce the adapted model: relative "
+                               f"error {self.errors['rel']:.3e} > tolerance {self.tolerance:.0e} (max abs "
+                               f"{self.errors['max']:.3e}). The file is corrupt or was changed after writing; do not "
+                               f"ship it. Re-run the export (lightning_peft.export_merged) and check disk space.")
+
+    def _probe(self, trainer) -> Any:
+        if self.probe_batch is not None:
+            return self.probe_batch
+        for loaders in (trainer.val_dataloaders, trainer.train_dataloader):
+            loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+            if loader is not None:
+                return next(iter(loader))
+        raise RuntimeError("MergeAdapters needs a probe batch to verify the export: pass probe_batch=..., or "
+                           "give the Trainer a validation or training dataloader (or verify=False).")
+
+    def _compare(self, trainer, model: nn.Module) -> dict[str, float]:
+        batch = self._probe(trainer)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                device = next(model.parameters()).device
+                adapted = model_output(model, move_data_to_device(batch, device)).cpu()
+                plain = plain_copy(model, load_file(self.export_path))
+                exported = model_output(plain, move_data_to_device(batch, "cpu"))
+        finally:
+            model.train(was_training)
+        diff = (exported - adapted).abs()
+        return {"max": diff.max().item(), "mean": diff.mean().item(),
+                "rel": ((exported - adapted).norm() / adapted.norm().clamp_min(1e-30)).item()}
+
+    def _report(self) -> None:
+        table = Table(title="lightning-peft merged export")
+        table.add_column("what")
+        table.add_column("value", justify="right")
+        table.add_row("path", str(self.export_path))
+        table.add_row("size", f"{self.export_path.stat().st_size:,} bytes")
+        table.add_row("dtype", str(self.dtype).removeprefix("torch."))
+        if self.errors:
+            table.add_row("max |export - adapted|", f"{self.errors['max']:.3e}")
+            table.add_row("mean |export - adapted|", f"{self.errors['mean']:.3e}")
+            ok = self.errors["rel"] <= self.tolerance
+            table.add_row("relative error", f"{self.errors['rel']:.3e} ({'ok' if ok else 'FAILED'}, "
+                                            f"tolerance {self.tolerance:.0e})")
+        Console().print(table)
