@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -88,19 +89,25 @@ def _read_weights(directory: Path, allow_pickle: bool) -> dict[str, torch.Tensor
                          f"Save the adapter again or restore the file.") from None
 
 
-def _check_against(expected: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], source: Path) -> None:
+def check_tensors_fit(expected: Mapping[str, torch.Tensor], loaded: Mapping[str, torch.Tensor], source: str,
+                      what: str = "file", fix: str = "Load the adapter into the architecture (and config) it was "
+                                                       "trained on.", extra: str | None = None) -> None:
+    """Raise one ``ValueError`` listing shape mismatches (both shapes), missing and unexpected keys
+    of ``loaded`` (from ``source``, a ``what``) against the model's ``expected`` tensors."""
     missing = sorted(expected.keys() - loaded.keys())
     unexpected = sorted(loaded.keys() - expected.keys())
-    mismatched = [f"{k}: file {tuple(loaded[k].shape)} vs model {tuple(expected[k].shape)}"
+    mismatched = [f"{k}: {what} {tuple(loaded[k].shape)} vs model {tuple(expected[k].shape)}"
                   for k in sorted(expected.keys() & loaded.keys()) if loaded[k].shape != expected[k].shape]
     if not (missing or unexpected or mismatched):
         return
-    lines = [f"adapter weights {source} do not fit this model:"]
-    for title, items in (("shape mismatch", mismatched), ("missing from the file", missing),
-                         ("in the file but not in the model", unexpected)):
+    lines = [f"adapter tensors in {source} do not fit this model's adapters:"]
+    for title, items in (("shape mismatch", mismatched), (f"missing from the {what}", missing),
+                         (f"in the {what} but not in the model", unexpected)):
         if items:
             lines.append(f"  {title} ({len(items)}): " + "; ".join(items[:8]) + (" ..." if len(items) > 8 else ""))
-    lines.append("Load the adapter into the architecture (and config) it was trained on.")
+    if extra:
+        lines.append(f"  {extra}")
+    lines.append(fix)
     raise ValueError("\n".join(lines))
 
 
@@ -128,7 +135,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     inject_adapters(model, config, adapter_name)
     expected = adapter_tensors(model, adapter_name)
     try:
-        _check_against(expected, loaded, directory / WEIGHTS_NAME)
+        check_tensors_fit(expected, loaded, str(directory / WEIGHTS_NAME))
     except ValueError:
         delete_adapter(model, adapter_name)
         raise

@@ -27,7 +27,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDevice
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
-from .checkpoint import read_training_state
+from .checkpoint import check_tensors_fit, read_training_state
 from .config import LoraConfig, QuantConfig
 from .inject import adapter_configs, adapter_parameters, inject_adapters, set_adapter
 from .quantize import quant_config, quantize_base
@@ -176,23 +176,12 @@ class _PEFTSetup:
 
 
 def _check_adapter_state(own: dict[str, torch.Tensor], loaded: Mapping[str, Any],
-                         saved_configs: dict | None, configs: dict) -> None:
-    missing = sorted(own.keys() - loaded.keys())
-    unexpected = sorted(loaded.keys() - own.keys())
-    mismatched = [f"{k}: checkpoint {tuple(loaded[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in sorted(own.keys() & loaded.keys()) if loaded[k].shape != own[k].shape]
-    if not (missing or unexpected or mismatched):
-        return
-    lines = ["the checkpoint's adapter tensors do not fit this model's adapters:"]
-    for title, items in (("shape mismatch", mismatched), ("missing from the checkpoint", missing),
-                         ("in the checkpoint but not in the model", unexpected)):
-        if items:
-            lines.append(f"  {title} ({len(items)}): " + "; ".join(items[:6]) + (" ..." if len(items) > 6 else ""))
-    if saved_configs is not None and saved_configs != configs:
-        lines.append(f"  the checkpoint was written with adapter configs {saved_configs}, this run uses {configs}.")
-    lines.append("Resume with the same peft_config (r, target_modules, use_dora, modules_to_save) as the run "
-                 "that wrote the checkpoint; a checkpoint of a full fine-tune cannot resume a PEFT run.")
-    raise ValueError("\n".join(lines))
+                         saved_configs: dict | None, configs: dict, source: str = "the checkpoint") -> None:
+    extra = (f"the checkpoint was written with adapter configs {saved_configs}, this run uses {configs}."
+             if saved_configs is not None and saved_configs != configs else None)
+    check_tensors_fit(own, loaded, source, what="checkpoint", extra=extra,
+                      fix="Resume with the same peft_config (r, target_modules, use_dora, modules_to_save) as the run "
+                          "that wrote the checkpoint; a checkpoint of a full fine-tune cannot resume a PEFT run.")
 
 
 def restore_adapters(module: nn.Module, checkpoint_path, quantize: bool = True) -> nn.Module:

@@ -78,7 +78,8 @@ class PagedOptimizer(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._swap_optimizers(trainer)
 
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
         if trainer.state.fn == TrainerFn.FITTING:
             self._check_resumed_state(checkpoint)
 
@@ -95,8 +96,8 @@ class PagedOptimizer(Callback):
                 _track_step_calls(swapped[id(old)])
         trainer.strategy.optimizers = list(swapped.values())
 
-        on_cpu = any(p.device.type == "cpu" for new in swapped.values() for g in new.param_groups for p in g["params"])
-        if self.optimizer.startswith("paged") and on_cpu:
+        params = [p for new in swapped.values() for group in new.param_groups for p in group["params"]]
+        if self.optimizer.startswith("paged") and any(p.device.type == "cpu" for p in params):
             rank_zero_warn(f"PagedOptimizer({self.optimizer!r}): the parameters are on the CPU, where bitsandbytes "
                            f"has no paged memory; the optimizer state is kept in ordinary CPU memory (same updates, "
                            f"nothing paged). optimizer='adamw_8bit' does the same without this warning.")
@@ -113,7 +114,7 @@ class PagedOptimizer(Callback):
                             f"callback and build the bitsandbytes optimizer you want there yourself.")
         groups = []
         for g, group in enumerate(optimizer.param_groups):
-            self._check_group(group, optimizer, f"optimizer {index}, param group {g}")
+            _check_group(group, optimizer, f"optimizer {index}, param group {g}")
             kept = {key: value for key, value in group.items() if key not in _TORCH_ONLY_KEYS}
             # a user's configure_optimizers may hold frozen tensors (adapters injected without our
             # strategy): they get no state. Empty groups stay so that scheduler indices line up.
@@ -124,22 +125,6 @@ class PagedOptimizer(Callback):
         d = optimizer.defaults
         return cls(groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], weight_decay=d["weight_decay"],
                    min_8bit_size=self.min_8bit_size)
-
-    def _check_group(self, group: dict[str, Any], optimizer: torch.optim.Optimizer, where: str) -> None:
-        """Refuse what bitsandbytes' AdamW would silently compute differently."""
-        if group.get("amsgrad"):
-            raise ValueError(f"PagedOptimizer: {where} has amsgrad=True; bitsandbytes' AdamW has no AMSGrad "
-                             f"(it would ignore the flag). Use amsgrad=False or remove the PagedOptimizer callback.")
-        if group.get("maximize"):
-            raise ValueError(f"PagedOptimizer: {where} has maximize=True, which bitsandbytes' AdamW does not support. "
-                             f"Minimize the negated objective instead, or remove the PagedOptimizer callback.")
-        # torch < 2.6 has no such key: decoupled decay is then what AdamW does and Adam does not
-        decoupled = group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
-        if group["weight_decay"] and not decoupled:
-            raise ValueError(f"PagedOptimizer: {where} is torch.optim.Adam with weight_decay={group['weight_decay']}, "
-                             f"an L2 term added to the gradient; bitsandbytes decays the weights directly (AdamW). "
-                             f"Use torch.optim.AdamW (or Adam(decoupled_weight_decay=True)) for AdamW's decay, or "
-                             f"weight_decay=0.")
 
     def _check_resumed_state(self, checkpoint: dict[str, Any]) -> None:
         """The optimizer state in ``checkpoint`` must be this optimizer's: torch's AdamW state (a run
@@ -155,6 +140,23 @@ class PagedOptimizer(Callback):
         if saved != self.optimizer:
             raise ValueError(f"PagedOptimizer({self.optimizer!r}): the checkpoint holds the state of "
                              f"PagedOptimizer({saved!r}). Resume with PagedOptimizer(optimizer={saved!r}).")
+
+
+def _check_group(group: dict[str, Any], optimizer: torch.optim.Optimizer, where: str) -> None:
+    """Refuse what bitsandbytes' AdamW would silently compute differently."""
+    if group.get("amsgrad"):
+        raise ValueError(f"PagedOptimizer: {where} has amsgrad=True, but bitsandbytes' AdamW has no AMSGrad. "
+                         f"Use amsgrad=False or remove the PagedOptimizer callback.")
+    if group.get("maximize"):
+        raise ValueError(f"PagedOptimizer: {where} has maximize=True, which bitsandbytes' AdamW does not support. "
+                         f"Minimize the negated objective instead, or remove the PagedOptimizer callback.")
+    # older torch (pyproject allows 2.4) has no such key: there AdamW decouples the decay and Adam does not
+    decoupled = group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
+    if group["weight_decay"] and not decoupled:
+        raise ValueError(f"PagedOptimizer: {where} is torch.optim.Adam with weight_decay={group['weight_decay']}, "
+                         f"an L2 term added to the gradient; bitsandbytes decays the weights directly (AdamW). "
+                         f"Use torch.optim.AdamW (or Adam(decoupled_weight_decay=True)) for AdamW's decay, or "
+                         f"weight_decay=0.")
 
 
 def _repoint(scheduler: Any, swapped: dict[int, torch.optim.Optimizer]) -> None:
