@@ -27,3 +27,13 @@ def test_benchmark_runs_quick(script, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "|" in out.read_text()
+
+
+def test_callbacks_example_uses_all_three(tmp_path):
+    main = runpy.run_path(str(ROOT / "examples" / "callbacks.py"))["main"]
+    result = main(["--steps", "20", "--out", str(tmp_path)])
+    assert result["optimizer"] == "PagedAdamW8bit"
+    assert {p.name for p in (tmp_path / "adapters" / "last").iterdir()} == {
+        "adapter_config.json", "adapter_model.safetensors", "training_state.ckpt"}
+    assert Path(result["best"]).is_dir()
+    assert (tmp_path / "merged" / "model.safetensors").is_file() and result["merge_error"] <= 1e-2

@@ -6,7 +6,8 @@ On global rank 0, at the end of ``fit``: :func:`lightning_peft.export_merged` wr
 with the keys of the adapted model (the transformers model inside the LightningModule). With
 ``verify``, the export is loaded into a plain copy of that architecture (lightning-peft layers
 replaced by ``nn.Linear``/the original modules, every tensor from the file, strict keys), run in
-fp32 on a probe batch, and compared with the adapted model's output. A rich table shows the
+fp32 on a probe batch, and compared with the adapted model's output (its 4-bit layers computing
+in fp32 for the occasion, so that bf16 matmul rounding is not taken for an export error). A rich table shows the
 errors; beyond the tolerance the callback raises.
 """
 
@@ -143,6 +144,12 @@ class MergeAdapters(Callback):
         batch = self._probe(trainer)
         was_training = model.training
         model.eval()
+        # The reference is the adapted model computed in fp32 (4-bit weights dequantized to fp32, as
+        # the export does), so the comparison measures the export, not bf16 matmul rounding.
+        four_bit = [m for m in model.modules() if is_quantized(m) and hasattr(m, "compute_dtype")]
+        compute_dtypes = [m.compute_dtype for m in four_bit]
+        for m in four_bit:
+            m.compute_dtype = torch.float32
         try:
             with torch.no_grad():
                 device = next(model.parameters()).device
@@ -151,6 +158,8 @@ class MergeAdapters(Callback):
                 exported = model_output(plain, move_data_to_device(batch, "cpu"))
         finally:
             model.train(was_training)
+            for m, dtype in zip(four_bit, compute_dtypes):
+                m.compute_dtype = dtype
         diff = (exported - adapted).abs()
         return {"max": diff.max().item(), "mean": diff.mean().item(),
                 "rel": ((exported - adapted).norm() / adapted.norm().clamp_min(1e-30)).item()}
