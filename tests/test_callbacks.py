@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lightning_peft as lp
-from conftest import tiny_llama
 from lightning_peft.callbacks import AdapterCheckpoint, MergeAdapters
 from plain_module import CausalLM, sequences
 
@@ -156,8 +155,12 @@ def test_merge_adapters_detects_a_corrupted_export(tmp_path, monkeypatch):
                  enable_checkpointing=False).fit(CausalLM(), sequences(n=8))
 
 
-def test_merge_adapters_fp32_export_is_exact_for_a_float_base(tmp_path):
+@pytest.mark.parametrize("strategy", ["dora", "auto"])
+def test_merge_adapters_fp32_export_is_exact_for_a_float_base(strategy, tmp_path):
+    """With a strategy, and with adapters the module injected itself under Lightning's default."""
     merge = MergeAdapters(output_dir=tmp_path, dtype=torch.float32)
-    _trainer("dora", [merge], max_steps=3, enable_checkpointing=False).fit(CausalLM(), sequences(n=8))
+    module = CausalLM() if strategy == "dora" else SelfInjectedLM()
+    _trainer(strategy, [merge], max_steps=3, enable_checkpointing=False).fit(module, sequences(n=8))
     assert merge.errors["rel"] <= 1e-5
-    _ = tiny_llama  # the float reference path is covered in test_qlora; here the callback end to end
+    weights = load_file(tmp_path / "model.safetensors")
+    assert set(weights) == set(CausalLM().model.state_dict())  # the plain model's keys, nothing else
