@@ -12,6 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore", message=".*kernels.*")
 
+# The test models are tiny: one thread is as fast and does not fight the other core (CI has two).
+torch.set_num_threads(1)
+
 # scripts/gpu_check.sh sets LP_TEST_DEVICE=cuda to run the model tests (4-bit ones above all) on a GPU
 DEVICE = torch.device(os.environ.get("LP_TEST_DEVICE", "cpu"))
 
