@@ -1,0 +1,191 @@
+r"""``ForgettingProbe``: catch silent capability loss while the adapters train.
+
+Fine-tuning hard on a narrow task can make a model worse at everything else while the task's own
+metrics keep improving (catastrophic forgetting). The probe scores the model on a *general* probe
+set that the training never sees:
+
+    base      L_0 = mean token loss on the probe set, adapters disabled (the base model exactly),
+                    measured once at fit start
+    adapted   L_t = the same, adapters on, after each validation
+    regression  rho_t = (L_t - L_0) / L_0          perplexity  exp(L_t)
+
+and logs ``forgetting/probe_loss``, ``forgetting/probe_perplexity`` and ``forgetting/regression``
+through ``pl_module.log`` (so a logger, a progress bar or ``EarlyStopping`` can use them). Beyond
+``max_regression`` it warns (once per new high), or stops the run with ``stop=True``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import nn
+from torchmetrics import MeanMetric
+
+from ..inject import adapter_configs, adapter_owner, disable_adapters
+
+LossFn = Callable[[pl.LightningModule, Any], torch.Tensor]
+
+
+@contextmanager
+def evaluating(module: nn.Module):
+    """Eval mode for the block; afterwards every submodule gets its own train/eval flag back (a
+    frozen submodule kept in eval mode during training stays so)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)``; inf instead of an OverflowError for absurd losses (a guard must not crash)."""
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def causal_lm_token_losses(pl_module: pl.LightningModule, batch: Any) -> torch.Tensor:
+    """Next-token cross-entropy of every predicted token, ``[n_tokens]`` fp32.
+
+    The model called is the one the adapters were injected into (the transformers model inside the
+    LightningModule), as ``model(input_ids=..., attention_mask=...)``; its ``.logits`` (or its
+    output, if a tensor) ``[B, T, V]`` predict the labels shifted by one. ``batch`` is either a
+    LongTensor of token ids ``[B, T]`` (labels = the ids) or a dict with ``input_ids`` and optionally
+    ``attention_mask`` (masked positions are not scored) and ``labels`` (``-100`` = not scored).
+    """
+    if isinstance(batch, torch.Tensor):
+        input_ids, labels, kwargs = batch, batch, {}
+    elif isinstance(batch, Mapping) and "input_ids" in batch:
+        input_ids, mask = batch["input_ids"], batch.get("attention_mask")
+        labels = batch.get("labels", input_ids if mask is None else input_ids.masked_fill(mask == 0, -100))
+        kwargs = {} if mask is None else {"attention_mask": mask}
+    else:
+        raise TypeError(f"ForgettingProbe: a probe batch must be a tensor of token ids [batch, seq] or a dict with "
+                        f"'input_ids' (and optionally 'attention_mask', 'labels'), not {type(batch).__name__}; "
+                        f"or pass loss_fn=... to score your own batches.")
+    model = adapter_owner(pl_module) or pl_module
+    out = model(input_ids=input_ids, **kwargs)
+    logits = getattr(out, "logits", out)
+    targets = labels[:, 1:].reshape(-1)
+    losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets,
+                             ignore_index=-100, reduction="none")
+    return losses[targets != -100]
+
+
+class ForgettingProbe(Callback):
+    """Score a general probe set with the adapters off (once) and on (after each validation).
+
+    Args:
+        dataloader: the probe set, any iterable of batches (e.g. a ``DataLoader``). Every rank
+            evaluates all of it each time: keep it small (a few hundred sequences of general text).
+        max_regression: the largest tolerated relative loss increase ``(L - L_0) / L_0``.
+        stop: stop the run (``trainer.should_stop``) when the regression exceeds ``max_regression``;
+            otherwise warn.
+        loss_fn: ``loss_fn(pl_module, batch) -> Tensor``: per-token losses (averaged over all tokens
+            of the probe set) or one mean loss per batch (averaged over batches). Default:
+            :func:`causal_lm_token_losses`.
+
+    The probe runs after each validation and, when an epoch ends without one, at the epoch end;
+    in eval mode, without gradients, under the precision plugin's forward context, with batches
+    moved to the module's device. ``base_loss`` holds ``L_0``; ``history`` a dict per measurement
+    (``step``, ``epoch``, ``loss``, ``perplexity``, ``regression``).
+    """
+
+    def __init__(self, dataloader: Iterable, max_regression: float = 0.05, stop: bool = False,
+                 loss_fn: LossFn | None = None) -> None:
+        if isinstance(dataloader, (str, bytes)) or not isinstance(dataloader, Iterable):
+            raise TypeError(f"ForgettingProbe(dataloader=...) needs an iterable of probe batches (a DataLoader of "
+                            f"token-id tensors or dicts with 'input_ids'), not {type(dataloader).__name__}.")
+        if isinstance(max_regression, bool) or not isinstance(max_regression, (int, float)) or not max_regression >= 0:
+            raise ValueError(f"ForgettingProbe(max_regression={max_regression!r}): give a relative loss increase "
+                             f">= 0, e.g. 0.05 for 5% above the base model's probe loss.")
+        if not isinstance(stop, bool):
+            raise TypeError(f"ForgettingProbe(stop={stop!r}): True (stop the run) or False (warn).")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError("ForgettingProbe(loss_fn=...) must be callable as loss_fn(pl_module, batch).")
+        self.dataloader = dataloader
+        self.max_regression = float(max_regression)
+        self.stop = stop
+        self.loss_fn = loss_fn or causal_lm_token_losses
+        self.base_loss: float | None = None
+        self.history: list[dict[str, float]] = []
+        self._worst_warned = -math.inf
+        self._last_step: int | None = None
+
+    # ------------------------------------------------------------------------------------ hooks
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._score_base(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:  # not in trainer.validate()
+            self._check(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._last_step != trainer.global_step:  # no validation ran at this step
+            self._check(trainer, pl_module)
+
+    # base_loss is not restored: every fit start measures it again (whether Lightning restores callback
+    # state before or after on_fit_start depends on the strategy)
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "worst_warned": self._worst_warned}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict["history"])
+        self._worst_warned = state_dict["worst_warned"]
+
+    # ----------------------------------------------------------------------------------- worker
+    def _score_base(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not adapter_configs(pl_module):  # strategies inject in their setup, before on_fit_start
+            raise RuntimeError("ForgettingProbe found no adapters in the LightningModule; use a lightning-peft "
+                               "strategy (e.g. strategy='lora') or call lightning_peft.inject_adapters on its model.")
+        with disable_adapters(pl_module):
+            self.base_loss = self._probe_loss(trainer, pl_module)
+        if not self.base_loss > 0:  # the regression is relative to it
+            raise RuntimeError(f"ForgettingProbe: the base model's probe loss is {self.base_loss}; a relative "
+                               f"regression needs a positive loss. Check the probe set and loss_fn.")
+
+    def _probe_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+        # every rank scores the whole probe set: no cross-rank sync needed (or wanted) in compute()
+        mean = MeanMetric(nan_strategy="disable", sync_on_compute=False).to(pl_module.device)
+        with evaluating(pl_module), torch.no_grad(), trainer.precision_plugin.forward_context():
+            for batch in self.dataloader:
+                mean.update(self.loss_fn(pl_module, move_data_to_device(batch, pl_module.device)).float())
+        return mean.compute().item()
+
+    def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loss = self._probe_loss(trainer, pl_module)
+        regression = (loss - self.base_loss) / self.base_loss
+        record = {"step": trainer.global_step, "epoch": trainer.current_epoch, "loss": loss,
+                  "perplexity": perplexity(loss), "regression": regression}
+        self.history.append(record)
+        self._last_step = trainer.global_step
+        pl_module.log_dict({"forgetting/probe_loss": loss, "forgetting/probe_perplexity": record["perplexity"],
+                            "forgetting/regression": regression}, on_step=False, on_epoch=True)
+        exceeded = regression > self.max_regression
+        if exceeded and regression > self._worst_warned:  # once per new high
+            self._worst_warned = regression
+            rank_zero_warn(self._message(record))
+        if self.stop and trainer.strategy.reduce_boolean_decision(exceeded, all=False):
+            trainer.should_stop = True
+
+    def _message(self, record: dict[str, float]) -> str:
+        base = self.base_loss
+        action = ("Stopping the run (stop=True)." if self.stop else
+                  "Training continues; pass stop=True to stop runs at this point.")
+        return (f"ForgettingProbe: at epoch {record['epoch']}, step {record['step']} the adapted model's loss on the "
+                f"probe set is {record['regression']:.1%} above the base model's ({record['loss']:.4f} vs {base:.4f}; "
+                f"perplexity {record['perplexity']:.2f} vs {perplexity(base):.2f}), beyond "
+                f"max_regression={self.max_regression:g}. This is silent capability loss (catastrophic forgetting), "
+                f"one of the four classic fine-tuning failures: the task improves while what the model could "
+                f"already do degrades, and the task's own metrics do not show it. Lower the learning rate, train "
+                f"fewer epochs or steps, use a smaller LoRA rank, or mix general data into the training set. {action}")

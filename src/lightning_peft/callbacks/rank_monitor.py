@@ -1,0 +1,180 @@
+r"""``RankMonitor``: how much of its rank does each LoRA adapter use?
+
+For the active adapter of each LoRA layer, with ``A: [r, in]``, ``B: [out, r]`` and scaling ``s``,
+the update ``delta W = s B A`` has at most ``r`` non-zero singular values. They come from two thin
+QR factorizations instead of an SVD of the full ``[out, in]`` matrix:
+
+    B = Q_B R_B,   A^T = Q_A R_A    =>    s B A = Q_B (s R_B R_A^T) Q_A^T
+    sigma(delta W) = sigma(s R_B R_A^T)       (an r x r SVD; Q_B, Q_A have orthonormal columns)
+
+The *effective rank* at energy ``e`` is the smallest ``k`` with
+``sum_{i<=k} sigma_i^2 >= e * sum_i sigma_i^2`` (0 for an update that is still zero). When most
+layers use a small part of ``r``, a smaller rank would train the same update with fewer
+parameters (and less room to forget). For DoRA adapters the spectrum is that of ``s B A``, the
+directional update before the magnitude rescale.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from rich.console import Console
+from rich.table import Table
+
+from ..atomic import atomic_write
+from ..inject import adapter_modules
+from ..methods import LoraLayer
+
+TOP_VALUES_SHOWN = 5
+
+
+def delta_singular_values(layer: LoraLayer, adapter_name: str) -> torch.Tensor:
+    """Singular values of ``s B A`` for ``adapter_name`` of ``layer``, descending, ``[min(r, out, in)]`` fp32."""
+    A, B = layer._factors(adapter_name)
+    _, r_b = torch.linalg.qr(B.detach().float())
+    _, r_a = torch.linalg.qr(A.detach().float().t())
+    return abs(layer.scaling[adapter_name]) * torch.linalg.svdvals(r_b @ r_a.t())
+
+
+def effective_rank(sigma: torch.Tensor, energy: float) -> int:
+    """Smallest ``k`` whose top-``k`` squared singular values hold ``energy`` of their sum (0 if all are 0)."""
+    power = sigma.double().pow(2)
+    total = power.sum()
+    if total == 0:
+        return 0
+    # the tolerance keeps an exact split (energy 0.75 of four equal values) at k=3, not 4
+    return int((power.cumsum(0) < energy * total * (1 - 1e-9)).sum().item()) + 1
+
+
+class RankMonitor(Callback):
+    """Track the singular-value spectrum and effective rank of every LoRA update while training.
+
+    Args:
+        every_n_steps: measure after every ``every_n_steps`` optimizer steps (and once at fit end).
+        energy: the share of ``sum sigma^2`` the effective rank must hold, in (0, 1].
+        plot_path: where to write a PNG of the spectra and the effective ranks over training, if
+            matplotlib is installed (nothing happens without it). Default:
+            ``<trainer.default_root_dir>/rank_spectra.png``.
+
+    Each measurement is logged as ``effective_rank/<layer path>``. History, kept in the
+    checkpoint: ``steps`` (global steps measured), ``effective_ranks[path]`` and
+    ``spectra[path]`` (singular values, descending) aligned with ``steps``, ``ranks[path]`` (the
+    configured ``r``). At fit end global rank 0 prints a table and, when most layers use at most a
+    quarter of their rank, a suggestion (also in ``suggestion``).
+    """
+
+    def __init__(self, every_n_steps: int = 50, energy: float = 0.9, plot_path: str | Path | None = None) -> None:
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"RankMonitor(every_n_steps={every_n_steps!r}): give a number of optimizer steps >= 1.")
+        if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1:
+            raise ValueError(f"RankMonitor(energy={energy!r}): give the share of the spectrum's energy (sum of "
+                             f"squared singular values) the effective rank must hold, in (0, 1], e.g. 0.9.")
+        self.every_n_steps = every_n_steps
+        self.energy = float(energy)
+        self.plot_path = None if plot_path is None else Path(plot_path)
+        self.steps: list[int] = []
+        self.effective_ranks: dict[str, list[int]] = {}
+        self.spectra: dict[str, list[list[float]]] = {}
+        self.ranks: dict[str, int] = {}
+        self.suggestion: str | None = None
+
+    # ------------------------------------------------------------------------------------ hooks
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._due(trainer.global_step):
+            self._measure(pl_module, trainer.global_step, log=True)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "effective_ranks": self.effective_ranks, "spectra": self.spectra,
+                "ranks": self.ranks}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.steps = list(state_dict["steps"])
+        self.effective_ranks = {k: list(v) for k, v in state_dict["effective_ranks"].items()}
+        self.spectra = {k: list(v) for k, v in state_dict["spectra"].items()}
+        self.ranks = dict(state_dict["ranks"])
+
+    # ----------------------------------------------------------------------------------- worker
+    def _due(self, step: int) -> bool:
+        # several batches share a step under gradient accumulation; step 0 is the untrained B = 0
+        return step > 0 and step % self.every_n_steps == 0 and self.steps[-1:] != [step]
+
+    def _measure(self, pl_module: pl.LightningModule, step: int, log: bool) -> None:
+        layers = [(path, m) for path, m in adapter_modules(pl_module)
+                  if isinstance(m, LoraLayer) and m.active_adapter in m.scaling]
+        if not layers:
+            raise RuntimeError("RankMonitor found no LoRA layers with an active adapter in the LightningModule; use "
+                               "a lightning-peft strategy (e.g. strategy='lora') or lightning_peft.inject_adapters.")
+        self.steps.append(step)
+        for path, layer in layers:
+            sigma = delta_singular_values(layer, layer.active_adapter)
+            self.ranks[path] = layer._factors(layer.active_adapter)[0].shape[0]
+            self.spectra.setdefault(path, []).append(sigma.tolist())
+            self.effective_ranks.setdefault(path, []).append(effective_rank(sigma, self.energy))
+        if log:
+            pl_module.log_dict({f"effective_rank/{path}": float(self.effective_ranks[path][-1]) for path, _ in layers},
+                               on_step=True, on_epoch=False)
+
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.steps[-1:] != [trainer.global_step]:
+            self._measure(pl_module, trainer.global_step, log=False)  # the final adapter
+        self.suggestion = self._suggest()
+        if trainer.is_global_zero:
+            self._print_table()
+            self._plot(self.plot_path or Path(trainer.default_root_dir) / "rank_spectra.png")
+
+    def _suggest(self) -> str | None:
+        latest = {path: ranks[-1] for path, ranks in self.effective_ranks.items()}
+        low = [path for path, k in latest.items() if k <= self.ranks[path] / 4]
+        used = max(latest[path] for path in low) if low else 0
+        if 2 * len(low) <= len(latest) or used == 0:  # not most layers, or nothing trained yet
+            return None
+        r = max(self.ranks.values())
+        suggested = 1 << (2 * used - 1).bit_length()  # a power of two >= twice the largest rank used
+        text = (f"effective rank <= r/4 in {len(low)} of {len(latest)} LoRA layers (at most {used} at "
+                f"{self.energy:.0%} energy, r={r}): r={suggested} would likely do, with "
+                f"{r // suggested}x fewer adapter parameters and less room to forget.")
+        more = [path for path, k in latest.items() if k > suggested]
+        if more:
+            text += (f" {len(more)} layer(s) use more (e.g. {more[0]}: {latest[more[0]]}); keep their rank with "
+                     f"LoraConfig(rank_pattern={{...}}).")
+        return text
+
+    def _print_table(self) -> None:
+        table = Table(title=f"LoRA effective rank ({self.energy:.0%} of the energy), step {self.steps[-1]}",
+                      caption=self.suggestion)
+        for column in ("layer", "r", "effective rank", f"top {TOP_VALUES_SHOWN} singular values"):
+            table.add_column(column, justify="left" if column == "layer" else "right")
+        for path, ranks in self.effective_ranks.items():
+            top = ", ".join(f"{v:.3g}" for v in self.spectra[path][-1][:TOP_VALUES_SHOWN])
+            table.add_row(path, str(self.ranks[path]), str(ranks[-1]), top)
+        Console().print(table)
+
+    def _plot(self, path: Path) -> None:
+        try:
+            from matplotlib.figure import Figure  # optional: no plot without it
+        except ImportError:
+            return
+        figure = Figure(figsize=(11, 4), layout="constrained")
+        spectra, history = figure.subplots(1, 2)
+        for layer, values in self.spectra.items():
+            sigma = torch.tensor(values[-1])
+            if sigma[0] > 0:
+                spectra.semilogy(range(1, len(sigma) + 1), (sigma / sigma[0]).tolist(), alpha=0.6, label=layer)
+            history.plot(self.steps[-len(self.effective_ranks[layer]):], self.effective_ranks[layer], alpha=0.6)
+        spectra.set(title=f"singular values of s·B·A at step {self.steps[-1]}", xlabel="index",
+                    ylabel="sigma / sigma_1")
+        history.set(title=f"effective rank ({self.energy:.0%} energy)", xlabel="step", ylabel="rank")
+        history.set_ylim(bottom=0)
+        history.yaxis.get_major_locator().set_params(integer=True)
+        if len(self.spectra) <= 10:
+            spectra.legend(fontsize="small")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
