@@ -8,7 +8,7 @@ HF PEFT format, load PEFT's, merge them into the base; QLoRA: freeze the base in
 from .checkpoint import load_adapter, save_adapter
 from .config import LoraConfig, QuantConfig
 from .estimate import MemoryEstimate, estimate_memory
-from .inject import adapter_configs, delete_adapter, disable_adapters, inject_adapters, set_adapter
+from .inject import adapter_configs, delete_adapter, disable_adapters, inject_adapters, set_adapter, use_adapter
 from .merge import export_merged, merge_adapters, merged_state_dict, unmerge_adapters
 from .quantize import MemoryReport, memory_report, quantize_base
 from .report import AdapterReport, adapter_report
@@ -43,4 +43,5 @@ __all__ = [
     "save_adapter",
     "set_adapter",
     "unmerge_adapters",
+    "use_adapter",
 ]

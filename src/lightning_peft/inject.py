@@ -232,6 +232,25 @@ def set_adapter(model: nn.Module, adapter_name: str, trainable: bool = True) -> 
 
 
 @contextmanager
+def use_adapter(model: nn.Module, adapter_name: str):
+    """Within the block every adapter module runs ``adapter_name`` (frozen or not, nothing about
+    training changes): e.g. a frozen reference adapter next to the policy being trained. The
+    previous active adapters come back on exit, also when the block raises."""
+    if adapter_name not in adapter_configs(model):
+        raise ValueError(f"no adapter named {adapter_name!r}; this model has {list(adapter_configs(model))}.")
+    _refuse_if_merged(model, "switch adapters")
+    modules = [m for _, m in adapter_modules(model)]
+    previous = [m.active_adapter for m in modules]
+    for module in modules:
+        module.active_adapter = adapter_name
+    try:
+        yield model
+    finally:
+        for module, name in zip(modules, previous):
+            module.active_adapter = name
+
+
+@contextmanager
 def disable_adapters(model: nn.Module):
     """Within the block the model computes its base function, bit for bit (the DPO/GRPO reference
     model, for free). The previous state comes back on exit, also when the block raises."""

@@ -1,0 +1,9 @@
+"""Alignment on adapters: DPO and GRPO losses, completion log-probabilities, and the reference
+policy for free (the same model with its adapters switched off)."""
+
+from .dpo import DPOOutput, dpo_loss
+from .grpo import GRPOOutput, group_advantages, grpo_loss
+from .logprobs import SequenceLogprobs, reference_logprobs, sequence_logprobs
+
+__all__ = ["DPOOutput", "GRPOOutput", "SequenceLogprobs", "dpo_loss", "group_advantages", "grpo_loss",
+           "reference_logprobs", "sequence_logprobs"]
