@@ -36,3 +36,25 @@ def test_module_arguments_are_checked():
         DPOModule(torch.nn.Linear(2, 2), loss_type="kto")
     with pytest.raises(TypeError, match="no generate"):
         GRPOModule(torch.nn.Linear(2, 2), lambda p, c: torch.zeros(len(c)))
+
+
+def test_dpo_module_with_the_callbacks(tmp_path):
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from lightning_peft.callbacks import AdapterCheckpoint, MergeAdapters, PagedOptimizer
+
+    dpo = runpy.run_path(str(EXAMPLES / "dpo.py"))
+    torch.manual_seed(0)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+    loader = DataLoader(dpo["preference_pairs"](16, 64, seed=1), batch_size=8, collate_fn=PreferenceCollator())
+    merge = MergeAdapters(output_dir=tmp_path / "merged", probe_batch={"input_ids": torch.randint(0, 64, (2, 8))})
+    trainer = L.Trainer(strategy="qlora", accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False,
+                        callbacks=[AdapterCheckpoint(dirpath=tmp_path / "adapters"), PagedOptimizer(), merge])
+    trainer.fit(DPOModule(model, lr=1e-3), loader)
+    assert (tmp_path / "adapters" / "last" / "adapter_model.safetensors").is_file()
+    assert type(trainer.optimizers[0]).__name__ == "PagedAdamW8bit"
+    assert merge.errors["rel"] <= 1e-2
