@@ -2,11 +2,13 @@
 by ``lightning_peft.inject_adapters``."""
 
 from .adapter_checkpoint import AdapterCheckpoint
+from .epoch_guard import EpochGuard
 from .forgetting_probe import ForgettingProbe
 from .merge_adapters import MergeAdapters
+from .overfitting_guard import OverfittingGuard
 from .paged_optimizer import PagedOptimizer
 from .rank_monitor import RankMonitor
 from .review_samples import ReviewSamples
 
-__all__ = ["AdapterCheckpoint", "ForgettingProbe", "MergeAdapters", "PagedOptimizer", "RankMonitor",
-           "ReviewSamples"]
+__all__ = ["AdapterCheckpoint", "EpochGuard", "ForgettingProbe", "MergeAdapters", "OverfittingGuard",
+           "PagedOptimizer", "RankMonitor", "ReviewSamples"]
