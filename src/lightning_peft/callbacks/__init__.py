@@ -2,6 +2,8 @@
 by ``lightning_peft.inject_adapters``."""
 
 from .adapter_checkpoint import AdapterCheckpoint
+from .chat_template_guard import ChatTemplateGuard
+from .contamination_guard import ContaminationGuard, ContaminationReport, drop_contaminated, find_contamination
 from .epoch_guard import EpochGuard
 from .forgetting_probe import ForgettingProbe
 from .merge_adapters import MergeAdapters
@@ -10,5 +12,5 @@ from .paged_optimizer import PagedOptimizer
 from .rank_monitor import RankMonitor
 from .review_samples import ReviewSamples
 
-__all__ = ["AdapterCheckpoint", "EpochGuard", "ForgettingProbe", "MergeAdapters", "OverfittingGuard",
-           "PagedOptimizer", "RankMonitor", "ReviewSamples"]
+__all__ = ["AdapterCheckpoint", "ChatTemplateGuard", "ContaminationGuard", "ContaminationReport", "EpochGuard", "ForgettingProbe", "MergeAdapters", "OverfittingGuard",
+           "PagedOptimizer", "RankMonitor", "ReviewSamples", "drop_contaminated", "find_contamination"]

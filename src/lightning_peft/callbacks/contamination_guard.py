@@ -1,0 +1,413 @@
+r"""``ContaminationGuard``: training examples that leak evaluation data, and exact duplicates.
+
+An example is a sequence of tokens. Token-id examples: a list / 1-D tensor / array of ints, or a
+dict with ``"input_ids"`` (and, if present, ``"attention_mask"``: only the tokens it marks count, so
+padding never matches). Text examples: a string, or a dict with ``"text"``; compared as
+whitespace-separated words, or as token ids when a ``tokenizer`` is given. A training example is
+*contaminated* when it shares an n-gram (``ngram`` consecutive tokens; 13 as in GPT-3's
+decontamination) with an evaluation example. An example shorter than ``ngram`` tokens is compared
+as a whole: it matches only an identical short example.
+
+Every n-gram is hashed to 64 bits, vectorised over all windows at once (numpy, wrapping uint64):
+
+    x_t = mix(token_t)                                (splitmix64 finalizer: ids spread over 64 bits)
+    h_i = sum_{k<n} x_{i+k} * P^(n-1-k)   mod 2^64    (n multiply-adds over the whole token array)
+
+Windows that cross an example boundary are dropped. The evaluation hashes are sorted once and every
+training hash is looked up by binary search: O((W_train + W_eval) log W_eval) for W windows, no
+pairwise comparison. Two different n-grams collide with probability ~2^-64 per pair: ~1e-7
+expected false matches between 3.6M training and 0.45M evaluation windows (the benchmark's size).
+Exact duplicates within the training data are found by comparing whole token sequences byte for
+byte (a dict keyed by the sequence).
+
+Where the data comes from during ``fit``: Lightning requests the dataloaders lazily, inside the
+fit loop, after ``on_fit_start``. ``on_train_start`` is the first hook where
+``trainer.train_dataloader`` is set, and ``trainer.val_dataloaders`` too when validation runs in
+the first epoch or in the sanity check (the default); so the guard scans there, before the first
+training batch.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import CombinedLoader
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch.utils.data import (BatchSampler, ConcatDataset, DataLoader, DistributedSampler, RandomSampler,
+                              SequentialSampler, Subset)
+
+ON_HIT = ("warn", "raise", "drop")
+MAX_EXAMPLES = 3  # examples quoted in a report
+_FORMATS = ("token ids (a list or 1-D tensor of ints, or a dict with 'input_ids') or text (a string, or a dict "
+            "with 'text')")
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_BASE = np.uint64(0x9E3779B97F4A7C15)  # odd: invertible mod 2^64
+
+
+@dataclass(frozen=True)
+class ContaminationReport:
+    """What :func:`find_contamination` found; indices are positions in the datasets it was given.
+
+    Attributes:
+        train_indices: contaminated training examples (sharing an n-gram with evaluation data), ascending.
+        eval_indices: evaluation examples that some training example shares an n-gram with, ascending.
+        matches: each contaminated training index -> the lowest evaluation index it shares an n-gram with.
+        duplicate_groups: training indices with identical token sequences, in groups of two or more.
+    """
+
+    ngram: int
+    n_train: int
+    n_eval: int
+    train_indices: list[int]
+    eval_indices: list[int]
+    matches: dict[int, int]
+    duplicate_groups: list[list[int]]
+
+    @property
+    def n_contaminated(self) -> int:
+        return len(self.train_indices)
+
+    @property
+    def n_duplicates(self) -> int:
+        """Redundant copies: the examples beyond the first of each duplicate group."""
+        return sum(len(group) - 1 for group in self.duplicate_groups)
+
+    def summary(self, train, eval, tokenizer=None) -> str:
+        """Counts and a few examples (decoded by ``tokenizer`` if given; text examples as text);
+        ``train``/``eval`` are the datasets this report was computed on. Empty if nothing was found."""
+        return _describe(self, train, eval, tokenizer, lambda j: f"eval[{j}]")
+
+
+def find_contamination(train, eval, ngram: int = 13, tokenizer=None) -> ContaminationReport:
+    """Find the training examples that share an ``ngram``-token sequence with ``eval``, and the
+    exact duplicates within ``train``.
+
+    ``train`` / ``eval``: map-style datasets (``len`` and indexing: lists, torch ``Dataset``,
+    HF ``datasets.Dataset``) of token ids or text, see the module docstring. ``tokenizer``
+    (a transformers tokenizer) turns text into token ids; without it text is compared word by word.
+    """
+    _check_ngram(ngram)
+    train_seqs, train_kind = _sequences(train, "train", tokenizer)
+    eval_seqs, eval_kind = _sequences(eval, "eval", tokenizer)
+    if train_seqs and eval_seqs and train_kind != eval_kind:
+        raise ValueError(f"find_contamination: the training data holds {train_kind} and the evaluation data "
+                         f"{eval_kind}; pass tokenizer=... so that both are compared as token ids.")
+    return _find(train_seqs, eval_seqs, ngram)
+
+
+def drop_contaminated(train, eval, ngram: int = 13, tokenizer=None) -> Subset:
+    """``train`` without the examples that share an n-gram with ``eval``: a ``torch.utils.data.Subset``
+    to build the training DataLoader from (e.g. in ``LightningDataModule.setup``). Duplicates are kept."""
+    report = find_contamination(train, eval, ngram, tokenizer)
+    return Subset(train, _kept(report))
+
+
+class ContaminationGuard(Callback):
+    """Scan the training data against the validation data when training starts.
+
+    Args:
+        ngram: n-gram length in tokens (words for text without a tokenizer).
+        on_hit: what to do about contaminated training examples: ``"warn"`` (report them),
+            ``"raise"`` (stop before the first step) or ``"drop"`` (report, then train on the
+            training dataset without them). Exact duplicates within the training data are always
+            reported, never dropped (repeating data can be deliberate).
+        tokenizer: a transformers tokenizer: decodes the quoted examples and tokenizes text datasets.
+
+    The training data is ``trainer.train_dataloader.dataset`` (one map-style DataLoader); the
+    evaluation data is the dataset of every validation dataloader. ``report`` holds the last
+    :class:`ContaminationReport`.
+
+    ``on_hit="drop"`` rebuilds the training DataLoader over ``Subset(dataset, clean indices)`` (same
+    batch size, shuffling, collate function, workers) and has Lightning set it up again; this needs a
+    plain ``torch.utils.data.DataLoader`` with a default sampler and no
+    ``reload_dataloaders_every_n_epochs``. Otherwise, or to keep Lightning's internals out of it,
+    build the loader from :func:`drop_contaminated` yourself.
+    """
+
+    def __init__(self, ngram: int = 13, on_hit: str = "warn", tokenizer=None) -> None:
+        _check_ngram(ngram)
+        if on_hit not in ON_HIT:
+            raise ValueError(f"ContaminationGuard(on_hit={on_hit!r}): choose one of {', '.join(map(repr, ON_HIT))}.")
+        self.ngram = ngram
+        self.on_hit = on_hit
+        self.tokenizer = tokenizer
+        self.report: ContaminationReport | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.train_dataloader is not None:
+            self._scan(trainer)
+
+    # ----------------------------------------------------------------------------------- worker
+    def _scan(self, trainer: pl.Trainer) -> None:
+        (loader,) = _loaders(trainer.train_dataloader, "training")
+        if self.on_hit == "drop" and trainer.reload_dataloaders_every_n_epochs:
+            raise ValueError("ContaminationGuard(on_hit='drop') cannot be combined with "
+                             "Trainer(reload_dataloaders_every_n_epochs=...): the reloaded loaders would hold the "
+                             "contaminated examples again. Build them from lightning_peft.callbacks."
+                             "drop_contaminated(train, val) in your train_dataloader() instead.")
+        evals = [dl.dataset for dl in _loaders(trainer.val_dataloaders, "validation")]
+        joined = ConcatDataset(evals) if len(evals) > 1 else (evals[0] if evals else [])
+
+        start = time.perf_counter()
+        report = self.report = find_contamination(loader.dataset, joined, self.ngram, self.tokenizer)
+        lines = [f"ContaminationGuard: scanned {report.n_train:,} training and {report.n_eval:,} validation examples "
+                 f"({self.ngram}-grams) in {time.perf_counter() - start:.2f} s."]
+        if not evals:
+            lines.append("No validation dataloader was set up at train start (no validation, or the first one comes "
+                         "in a later epoch and num_sanity_val_steps=0): only exact duplicates within the training "
+                         "data were checked.")
+
+        def eval_name(j: int) -> str:
+            if len(evals) == 1:
+                return f"val[{j}]"
+            k = bisect.bisect_right(joined.cumulative_sizes, j)
+            return f"val dataloader {k}[{j - ([0] + joined.cumulative_sizes)[k]}]"
+
+        if found := _describe(report, loader.dataset, joined, self.tokenizer, eval_name):
+            lines.append(found)
+        hit = trainer.strategy.reduce_boolean_decision(report.n_contaminated > 0, all=False)
+        if hit and self.on_hit == "raise":
+            raise RuntimeError("\n".join(lines) + "\nRemove them before training: build the training DataLoader from "
+                               "lightning_peft.callbacks.drop_contaminated(train, val), or use "
+                               "ContaminationGuard(on_hit='drop').")
+        if hit and self.on_hit == "drop":
+            _train_on(trainer, loader, Subset(loader.dataset, _kept(report)))
+            lines.append(f"Dropped the {report.n_contaminated:,} contaminated examples: training on "
+                         f"{report.n_train - report.n_contaminated:,}.")
+        if len(lines) > 1:
+            rank_zero_warn("\n".join(lines))
+        else:
+            rank_zero_info(f"{lines[0]} No overlap, no duplicates.")
+
+
+def _check_ngram(ngram: int) -> None:
+    if isinstance(ngram, bool) or not isinstance(ngram, int) or ngram < 1:
+        raise ValueError(f"ngram={ngram!r}: give the n-gram length in tokens, an int >= 1 (13 is the usual choice).")
+
+
+def _kept(report: ContaminationReport) -> list[int]:
+    dropped = set(report.train_indices)
+    return [i for i in range(report.n_train) if i not in dropped]
+
+
+# ---------------------------------------------------------------------------------- reading data
+def _sequences(dataset, role: str, tokenizer) -> tuple[list[np.ndarray], str]:
+    """Every example of ``dataset`` as a 1-D int64 array, and what the arrays hold: ``"token ids"``
+    or ``"text"`` (hashes of whitespace-separated words)."""
+    try:
+        size = len(dataset)
+    except TypeError:
+        raise TypeError(f"The {role} data ({type(dataset).__name__}) has no len(): contamination is checked on "
+                        f"map-style datasets (len + indexing). For an IterableDataset, run find_contamination on "
+                        f"the examples (e.g. a list) before streaming them.") from None
+    examples = [_example(dataset[i], role, i) for i in range(size)]
+    texts = [i for i, example in enumerate(examples) if isinstance(example, str)]
+    if not texts:
+        return examples, "token ids"
+    if tokenizer is not None:
+        encoded = tokenizer([examples[i] for i in texts], add_special_tokens=False)["input_ids"]
+        for i, ids in zip(texts, encoded):
+            examples[i] = np.asarray(ids, dtype=np.int64)
+        return examples, "token ids"
+    if len(texts) < size:
+        raise ValueError(f"The {role} data mixes text and token ids; pass tokenizer=... so that the text is "
+                         f"compared as token ids too.")
+    return [np.fromiter(map(hash, text.split()), np.int64) for text in examples], "text"
+
+
+def _example(item: Any, role: str, index: int) -> str | np.ndarray:
+    """One example as text or as a 1-D int64 array of token ids."""
+    if isinstance(item, Mapping) and "input_ids" in item:
+        ids = _example(item["input_ids"], role, index)
+        mask = item.get("attention_mask")
+        return ids if mask is None else ids[np.asarray(mask, dtype=bool)]
+    text = item.get("text") if isinstance(item, Mapping) else item
+    if isinstance(text, str):
+        return text
+    if isinstance(item, torch.Tensor) and item.ndim == 1 and not (item.is_floating_point() or item.is_complex()):
+        return item.cpu().numpy().astype(np.int64, copy=False)
+    if isinstance(item, (list, tuple, np.ndarray)) and not isinstance(item, torch.Tensor):
+        array = np.asarray(item)
+        if array.ndim == 1 and (array.dtype.kind in "iu" or array.size == 0):
+            return array.astype(np.int64, copy=False)
+    raise TypeError(f"{role}[{index}] is {_shape_of(item)}; contamination is checked on {_FORMATS}.")
+
+
+def _shape_of(item: Any) -> str:
+    if isinstance(item, torch.Tensor):
+        return f"a {item.ndim}-D {item.dtype} tensor"
+    if isinstance(item, Mapping):
+        return f"a dict with keys {sorted(map(str, item))} (neither 'input_ids' nor 'text')"
+    return f"a {type(item).__name__}"
+
+
+# --------------------------------------------------------------------------------------- hashing
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer, elementwise on uint64 (a bijection that spreads nearby ids apart)."""
+    x = x ^ (x >> np.uint64(30))
+    x *= _MIX1
+    x ^= x >> np.uint64(27)
+    x *= _MIX2
+    return x ^ (x >> np.uint64(31))
+
+
+def _ngram_hashes(seqs: list[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 64-bit hash of every n-gram inside an example, and the index of that example."""
+    lengths = np.fromiter(map(len, seqs), np.int64, len(seqs))
+    total = int(lengths.sum())
+    if total < n:
+        return np.zeros(0, np.uint64), np.zeros(0, np.int64)
+    x = _mix(np.concatenate(seqs).view(np.uint64))
+    windows = total - n + 1
+    h = x[:windows].copy()
+    for k in range(1, n):  # Horner: h = (...(x_i P + x_{i+1}) P + ...) + x_{i+n-1}
+        h *= _BASE
+        h += x[k:k + windows]
+    owner = np.repeat(np.arange(len(seqs)), lengths)[:windows]
+    inside = np.arange(windows) + n <= np.cumsum(lengths)[owner]  # the window ends within its example
+    return h[inside], owner[inside]
+
+
+def _find(train: list[np.ndarray], eval: list[np.ndarray], n: int) -> ContaminationReport:
+    matches = _short_matches(train, eval, n)
+    matched_short = {train[i].tobytes() for i in matches}
+    eval_hit = {j for j, s in enumerate(eval) if 0 < len(s) < n and s.tobytes() in matched_short}
+
+    train_hash, train_owner = _ngram_hashes(train, n)
+    eval_hash, eval_owner = _ngram_hashes(eval, n)
+    if len(train_hash) and len(eval_hash):
+        # first occurrence = lowest evaluation index holding that n-gram (owners ascend with position)
+        unique, first = np.unique(eval_hash, return_index=True)
+        where = np.minimum(np.searchsorted(unique, train_hash), len(unique) - 1)
+        hit = unique[where] == train_hash
+        owners, partners = train_owner[hit], eval_owner[first[where[hit]]]
+        order = np.lexsort((partners, owners))
+        owners, partners = owners[order], partners[order]
+        contaminated, start = np.unique(owners, return_index=True)
+        matches.update(zip(contaminated.tolist(), partners[start].tolist()))
+        eval_hit.update(np.unique(eval_owner[np.isin(eval_hash, train_hash[hit])]).tolist())
+
+    groups: dict[bytes, list[int]] = {}
+    for i, s in enumerate(train):
+        groups.setdefault(s.tobytes(), []).append(i)
+    return ContaminationReport(ngram=n, n_train=len(train), n_eval=len(eval), train_indices=sorted(matches),
+                               eval_indices=sorted(eval_hit), matches=dict(sorted(matches.items())),
+                               duplicate_groups=[g for g in groups.values() if len(g) > 1])
+
+
+def _short_matches(train: list[np.ndarray], eval: list[np.ndarray], n: int) -> dict[int, int]:
+    """Training examples shorter than ``n`` tokens that equal an evaluation example, -> its lowest index."""
+    short = {}
+    for j, s in enumerate(eval):
+        if 0 < len(s) < n:
+            short.setdefault(s.tobytes(), j)
+    return {i: short[s.tobytes()] for i, s in enumerate(train) if 0 < len(s) < n and s.tobytes() in short}
+
+
+# ------------------------------------------------------------------------------------- reporting
+def _describe(report: ContaminationReport, train, eval, tokenizer, eval_name: Callable[[int], str]) -> str:
+    lines = []
+    if report.train_indices:
+        lines.append(f"{report.n_contaminated:,} of {report.n_train:,} training examples share a {report.ngram}-token "
+                     f"sequence with {len(report.eval_indices):,} of {report.n_eval:,} evaluation examples; e.g.")
+        for i in report.train_indices[:MAX_EXAMPLES]:
+            j = report.matches[i]
+            ours, theirs = _tokens(train[i], tokenizer), _tokens(eval[j], tokenizer)
+            shared = _shared(ours, theirs, report.ngram)
+            lines.append(f"  train[{i}] and {eval_name(j)} share {_show(shared, tokenizer)}\n"
+                         f"    train[{i}]: {_show(ours, tokenizer)}")
+        if report.n_contaminated > MAX_EXAMPLES:
+            lines.append(f"  ... and {report.n_contaminated - MAX_EXAMPLES:,} more (report.train_indices).")
+        if report.n_contaminated > report.n_train // 2:
+            lines.append(f"  Most examples match: a prompt template or system prompt of {report.ngram}+ tokens "
+                         f"shared by both datasets matches everywhere; compare the examples without it, or raise "
+                         f"ngram.")
+    if report.duplicate_groups:
+        lines.append(f"{report.n_duplicates:,} redundant copies in {len(report.duplicate_groups):,} groups of "
+                     f"identical training examples; e.g.")
+        for group in report.duplicate_groups[:MAX_EXAMPLES]:
+            copies = " == ".join(f"train[{i}]" for i in group[:4]) + (" == ..." if len(group) > 4 else "")
+            lines.append(f"  {copies} ({len(group)} copies): {_show(_tokens(train[group[0]], tokenizer), tokenizer)}")
+    return "\n".join(lines)
+
+
+def _tokens(item: Any, tokenizer) -> list:
+    """An example as the tokens it is compared by: token ids, or words of text."""
+    example = _example(item, "", 0)
+    if not isinstance(example, str):
+        return example.tolist()
+    return tokenizer(example, add_special_tokens=False)["input_ids"] if tokenizer is not None else example.split()
+
+
+def _shared(a: list, b: list, n: int) -> list:
+    """The first n-gram of ``a`` that ``b`` holds too (the whole of ``a`` when it is shorter than ``n``)."""
+    if len(a) < n:
+        return a
+    grams = {tuple(b[k:k + n]) for k in range(len(b) - n + 1)}
+    return next((list(a[k:k + n]) for k in range(len(a) - n + 1) if tuple(a[k:k + n]) in grams), [])
+
+
+def _show(tokens: Sequence, tokenizer, limit: int = 160) -> str:
+    """Words or decoded ids as a quoted string; ids without a tokenizer as a list (cut at ``limit`` chars)."""
+    if tokens and isinstance(tokens[0], str):
+        text = repr(" ".join(tokens))
+    elif tokenizer is not None:
+        text = repr(tokenizer.decode(tokens))
+    else:
+        text = f"ids {list(tokens)}"
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+# ------------------------------------------------------------------------ swapping the train loader
+def _loaders(loaders: Any, role: str) -> list[DataLoader]:
+    """The DataLoaders in ``trainer.train_dataloader`` / ``val_dataloaders`` (one, or a collection)."""
+    flat = [] if loaders is None else CombinedLoader(loaders).flattened
+    if not all(isinstance(dl, DataLoader) for dl in flat) or (role == "training" and len(flat) != 1):
+        raise TypeError(f"ContaminationGuard reads the dataset of one training DataLoader and of each validation "
+                        f"DataLoader; the {role} data of this fit is {', '.join(type(x).__name__ for x in flat)}. "
+                        f"Run lightning_peft.callbacks.find_contamination on the datasets yourself instead.")
+    return flat
+
+
+def _train_on(trainer: pl.Trainer, loader: DataLoader, dataset: Subset) -> None:
+    """Continue the fit on ``loader`` rebuilt over ``dataset``.
+
+    Lightning owns the training DataLoader and offers no public way to replace it during ``fit``.
+    This points the fit loop's data source at the rebuilt loader and reruns Lightning's own
+    ``fit_loop.setup_data()``, the path ``reload_dataloaders_every_n_epochs`` takes: it re-injects
+    the distributed sampler, recounts the batches (``num_training_batches``, ``val_check_batch``)
+    and creates the iterator. Private attributes touched: ``fit_loop._data_fetcher`` (torn down,
+    which stops the old iterator's workers), ``_data_source`` and ``_combined_loader``.
+    Learning-rate schedules sized from ``trainer.estimated_stepping_batches`` were sized before the
+    drop (for the full dataset).
+    """
+    sampler = loader.sampler
+    default = (type(sampler) in (SequentialSampler, DistributedSampler)
+               or (type(sampler) is RandomSampler and not sampler.replacement))
+    if type(loader) is not DataLoader or type(loader.batch_sampler) is not BatchSampler or not default:
+        raise TypeError(f"ContaminationGuard(on_hit='drop') rebuilds the training DataLoader over the clean "
+                        f"examples, which it can do for a plain torch DataLoader with a sequential or random "
+                        f"sampler, not for this {type(loader).__name__} (sampler {type(sampler).__name__}, "
+                        f"batch sampler {type(loader.batch_sampler).__name__}). Build your loader from "
+                        f"lightning_peft.callbacks.drop_contaminated(train, val) instead.")
+    shuffle = type(sampler) is RandomSampler or (type(sampler) is DistributedSampler and sampler.shuffle)
+    rebuilt = DataLoader(dataset, batch_size=loader.batch_size, shuffle=shuffle, num_workers=loader.num_workers,
+                         collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
+                         timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+                         multiprocessing_context=loader.multiprocessing_context, generator=loader.generator,
+                         prefetch_factor=loader.prefetch_factor, persistent_workers=loader.persistent_workers,
+                         pin_memory_device=loader.pin_memory_device,
+                         **({"in_order": loader.in_order} if hasattr(loader, "in_order") else {}))  # torch >= 2.6
+    fit_loop = trainer.fit_loop
+    fit_loop._data_fetcher.teardown()
+    fit_loop._data_source.instance = rebuilt
+    fit_loop._combined_loader = None
+    fit_loop.setup_data()
