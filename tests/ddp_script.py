@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import lightning as L
-import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
