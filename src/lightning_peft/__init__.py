@@ -11,6 +11,7 @@ from .estimate import MemoryEstimate, estimate_memory
 from .inject import adapter_configs, delete_adapter, disable_adapters, inject_adapters, set_adapter, use_adapter
 from .merge import export_merged, merge_adapters, merged_state_dict, unmerge_adapters
 from .quantize import MemoryReport, memory_report, quantize_base
+from .recipe import recipe_optimizer
 from .report import AdapterReport, adapter_report
 from .strategy import PEFTDDPStrategy, PEFTFSDPStrategy, PEFTStrategy, register_strategies, restore_adapters
 
@@ -39,6 +40,7 @@ __all__ = [
     "merge_adapters",
     "merged_state_dict",
     "quantize_base",
+    "recipe_optimizer",
     "restore_adapters",
     "save_adapter",
     "set_adapter",

@@ -1,0 +1,423 @@
+r"""``lightning-peft``: train from a config, look inside an adapter, export a merged model, run the demo.
+
+    lightning-peft fit --config examples/configs/qlora.yaml      # LightningCLI; also validate/test/predict
+    lightning-peft inspect adapters/last                         # config, tensor counts, rank spectra
+    lightning-peft merge --base ./llama --adapter adapters/last --out merged [--dtype bfloat16]
+    lightning-peft demo [--fast] [--out DIR]
+
+``fit`` (and ``validate``/``test``/``predict``) is Lightning's own ``LightningCLI`` (jsonargparse):
+any LightningModule by import path (``--model=pkg.Class`` or ``model.class_path``), any Trainer
+argument (``--trainer.strategy=qlora``: the names are registered on ``import lightning_peft``,
+which runs before parsing), callbacks as ``trainer.callbacks`` entries. A ``RichProgressBar`` is
+added unless the config chose a progress bar or ``enable_progress_bar: false``.
+
+``inspect`` reads an adapter directory (HF PEFT format) without the base model. For each LoRA
+layer it reports the singular values of ``s B A`` (two thin QRs and an ``r x r`` SVD, as
+:class:`~lightning_peft.callbacks.RankMonitor` does) and the effective rank: the smallest ``k``
+whose top-``k`` squared singular values hold ``energy`` (0.9) of their sum. ``s`` is
+``alpha / r`` or ``alpha / sqrt(r)`` (rsLoRA), with ``alpha`` from ``alpha_pattern``.
+
+Bad input (a missing directory, a directory that is not an adapter, a base that cannot be found)
+ends with one line on stderr, ``lightning-peft <command>: error: ...``, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import re
+import statistics
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.cli import LightningCLI
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from . import __version__
+from .callbacks.rank_monitor import TOP_VALUES_SHOWN, delta_singular_values, effective_rank
+from .checkpoint import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, _read_weights, load_adapter
+from .config import QUANT_TYPES, LoraConfig, QuantConfig
+from .inject import _matches, _pattern_value
+from .merge import MANIFEST_NAME, export_merged
+from .methods.lora import lora_scaling
+from .quantize import quantize_base
+from .strategy import peft_target
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EXIT_USAGE = 2
+
+
+class CLIError(Exception):
+    """Bad input the user can fix; printed as one line, no traceback."""
+
+
+# Errors of the library that describe bad input (DESIGN.md section 4): printed, not traced back.
+USER_ERRORS = (CLIError, OSError, ValueError, ImportError)
+
+
+# ------------------------------------------------------------------------------------ fit & co.
+class PEFTLightningCLI(LightningCLI):
+    """``LightningCLI`` with a ``RichProgressBar`` unless the config picked a progress bar or
+    turned it off (a second progress bar, or one with ``enable_progress_bar=False``, is an error
+    in Lightning, so the default cannot simply be appended)."""
+
+    def instantiate_trainer(self, **kwargs: Any):
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = config.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, RichProgressBar()]
+        return super().instantiate_trainer(**kwargs)
+
+
+def run_lightning(argv: list[str], from_sys_argv: bool = False) -> int:
+    """``lightning-peft fit|validate|test|predict ...``: Lightning's CLI, lightning-peft's names registered.
+    ``from_sys_argv``: ``argv`` is ``sys.argv[1:]`` (LightningCLI then reads it itself; it warns
+    when given both)."""
+    from lightning.pytorch.cli import _JSONARGPARSE_SIGNATURES_AVAILABLE
+
+    if not _JSONARGPARSE_SIGNATURES_AVAILABLE:
+        print(f"lightning-peft {argv[0]}: error: LightningCLI needs jsonargparse: pip install "
+              f"'jsonargparse[signatures]>=4.39'", file=sys.stderr)
+        return EXIT_USAGE
+    PEFTLightningCLI(args=None if from_sys_argv else argv, parser_kwargs={"prog": "lightning-peft"})
+    return 0
+
+
+# ------------------------------------------------------------------------------------- inspect
+@dataclass
+class LayerSpectrum:
+    """One LoRA layer of an adapter file: ``singular_values`` of ``scaling * B @ A``, descending, ``[r]``."""
+
+    path: str
+    r: int
+    scaling: float
+    singular_values: torch.Tensor
+    effective_rank: int
+
+
+@dataclass
+class AdapterSummary:
+    """What ``lightning-peft inspect`` prints. ``counts``: ``{kind: (tensors, parameters, bytes)}``
+    with kinds ``lora_A``, ``lora_B``, ``magnitude`` (DoRA), ``modules_to_save``, ``bias``, ``other``."""
+
+    directory: Path
+    config: dict[str, Any]
+    counts: dict[str, tuple[int, int, int]]
+    layers: list[LayerSpectrum]
+    energy: float
+
+
+class _FileFactors:
+    """The two things :func:`delta_singular_values` reads from a ``LoraLayer`` (its factors and
+    their scaling), for factors read from a file instead of a model."""
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, scaling: float) -> None:
+        self.factors = (A, B)
+        self.scaling = {"file": scaling}
+
+    def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.factors
+
+
+_LORA_SUFFIXES = {".lora_A.weight": "lora_A", ".lora_embedding_A": "lora_A", ".lora_B.weight": "lora_B",
+                  ".lora_embedding_B": "lora_B", ".lora_magnitude_vector": "magnitude"}
+KINDS = ("lora_A", "lora_B", "magnitude", "modules_to_save", "bias", "other")
+
+
+def _kind(key: str, config: LoraConfig) -> tuple[str, str]:
+    """``(kind, module path)`` of a key of an adapter file (without PEFT's ``base_model.model.``)."""
+    for suffix, kind in _LORA_SUFFIXES.items():
+        if key.endswith(suffix):
+            return kind, key[: -len(suffix)]
+    path = key.rsplit(".", 1)[0]
+    if config.modules_to_save and _matches(config.modules_to_save, path.replace(".modules_to_save", "")):
+        return "modules_to_save", path
+    return ("bias" if key.endswith(".bias") else "other"), path
+
+
+def _natural(path: str) -> list:
+    """Sort key: ``layers.2`` before ``layers.10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
+
+
+def adapter_directory(path: str | Path, flag: str = "") -> Path:
+    """``path`` if it is an adapter directory (``adapter_config.json`` and weights), else a one-line :class:`CLIError`."""
+    directory = Path(path)
+    name = f"{flag} {directory}" if flag else str(directory)
+    if not directory.exists():
+        raise CLIError(f"{name}: no such directory.")
+    if not directory.is_dir():
+        raise CLIError(f"{name} is a file; give the adapter directory (adapter_config.json + {WEIGHTS_NAME}).")
+    if not (directory / CONFIG_NAME).is_file():
+        raise CLIError(f"{name}: no {CONFIG_NAME} in it, so it is not an adapter directory (lp.save_adapter, "
+                       f"AdapterCheckpoint and PEFT's save_pretrained write one).")
+    return directory
+
+
+def inspect_adapter(directory: str | Path, energy: float = 0.9) -> AdapterSummary:
+    """Read an adapter directory (ours or HF PEFT's; no base model needed) and measure it."""
+    if not 0 < energy <= 1:
+        raise CLIError(f"--energy {energy}: give the share of the spectrum's energy, in (0, 1], e.g. 0.9.")
+    directory = adapter_directory(directory)
+    config_path = directory / CONFIG_NAME
+    try:
+        raw = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CLIError(f"{config_path} is not valid JSON ({err}).") from None
+    config = LoraConfig.from_dict(raw, source=str(config_path))
+    tensors = _read_weights(directory, allow_pickle=False)
+    counts: dict[str, list[int]] = {}
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        kind, path = _kind(key.removeprefix(KEY_PREFIX), config)
+        count = counts.setdefault(kind, [0, 0, 0])
+        count[0] += 1
+        count[1] += tensor.numel()
+        count[2] += tensor.numel() * tensor.element_size()
+        if kind in ("lora_A", "lora_B"):
+            factors.setdefault(path, {})[kind] = tensor
+    layers = []
+    for path in sorted(factors, key=_natural):
+        pair = factors[path]
+        if len(pair) != 2:
+            raise CLIError(f"{directory / WEIGHTS_NAME}: layer {path} has {next(iter(pair))} but not its partner; "
+                           f"the file is incomplete.")
+        A, B = pair["lora_A"], pair["lora_B"]
+        r = A.shape[0]
+        scaling = lora_scaling(_pattern_value(config.alpha_pattern, path, config.lora_alpha), r, config.use_rslora)
+        sigma = delta_singular_values(_FileFactors(A, B, scaling), "file")
+        layers.append(LayerSpectrum(path, r, scaling, sigma, effective_rank(sigma, energy)))
+    ordered = {kind: tuple(counts[kind]) for kind in KINDS if kind in counts}
+    return AdapterSummary(directory, raw, ordered, layers, energy)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    if isinstance(value, list) and len(value) > 3:
+        text = f"{len(value)} entries: {', '.join(map(str, value[:2]))}, ..."
+    else:
+        text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def print_summary(summary: AdapterSummary, console: Console | None = None) -> None:
+    console = console or Console()
+    config = Table(title=f"{summary.directory / CONFIG_NAME}", show_header=False)
+    config.add_column("field")
+    config.add_column("value", overflow="fold")
+    for key in sorted(summary.config):
+        if summary.config[key] not in (None, {}, [], ""):
+            config.add_row(key, _short(summary.config[key]))
+    console.print(config)
+
+    counts = Table(title=f"tensors in {WEIGHTS_NAME}")
+    for column in ("kind", "tensors", "parameters", "bytes"):
+        counts.add_column(column, justify="left" if column == "kind" else "right")
+    for kind, numbers in summary.counts.items():
+        counts.add_row(kind, *(f"{n:,}" for n in numbers))
+    counts.add_section()
+    counts.add_row("total", *(f"{sum(column):,}" for column in zip(*summary.counts.values())))
+    console.print(counts)
+
+    if not summary.layers:
+        console.print("no LoRA layers in this adapter")
+        return
+    ranks = [layer.effective_rank for layer in summary.layers]
+    spectra = Table(title=f"rank spectrum of s·B·A per layer (effective rank at {summary.energy:.0%} energy)",
+                    caption=_spectrum_caption(summary, ranks))
+    widest = max(len(layer.path) for layer in summary.layers)
+    spectra.add_column("layer", no_wrap=True, min_width=widest)  # names stay whole; the values wrap
+    for column in ("r", "s", "‖s·B·A‖", "eff. rank"):
+        spectra.add_column(column, justify="right", no_wrap=True)
+    spectra.add_column(f"top {TOP_VALUES_SHOWN} singular values", justify="right")
+    for layer in summary.layers:
+        sigma = layer.singular_values
+        spectra.add_row(layer.path, str(layer.r), f"{layer.scaling:.3g}", f"{sigma.norm().item():.3g}",
+                        str(layer.effective_rank), ", ".join(f"{v:.3g}" for v in sigma[:TOP_VALUES_SHOWN].tolist()))
+    console.print(spectra)
+
+
+def _spectrum_caption(summary: AdapterSummary, ranks: list[int]) -> str:
+    if not any(ranks):
+        return "every update is zero (B = 0): the adapter is untrained."
+    r = max(layer.r for layer in summary.layers)
+    text = (f"{len(ranks)} layers, effective rank median {statistics.median(ranks):g}, max {max(ranks)} of r={r}; "
+            f"the smallest k whose top-k sigma^2 hold {summary.energy:.0%} of the sum")
+    if summary.config.get("use_dora"):
+        text += "; DoRA: the spectrum of the directional update, before the magnitude"
+    return text + "."
+
+
+def command_inspect(args: argparse.Namespace) -> None:
+    print_summary(inspect_adapter(args.directory, energy=args.energy))
+
+
+# --------------------------------------------------------------------------------------- merge
+_IMPORT_SPEC = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*(:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*)?")
+
+
+def load_base(spec: str) -> nn.Module:
+    """The base model named by ``--base``: a local transformers model directory (``config.json`` +
+    weights; loaded offline with ``AutoModelForCausalLM``, else ``AutoModel``), or an import spec
+    ``package.module:attr`` / ``package.module.attr`` naming a module, or a class or function
+    that builds one with no arguments. A LightningModule gives the model it trains (the child the
+    lightning-peft strategies inject into, whose paths the adapter files use)."""
+    path = Path(spec)
+    if path.is_dir():
+        return _load_pretrained(path)
+    if path.exists():
+        raise CLIError(f"--base {spec} is a file; give a model directory (save_pretrained writes one) or an "
+                       f"import spec such as my_package.models:build_model.")
+    if not _IMPORT_SPEC.fullmatch(spec) or ("." not in spec and ":" not in spec):
+        raise CLIError(f"--base {spec}: no such directory (nor an import spec such as my_package.models:build_model).")
+    built = _import_object(spec)
+    if not isinstance(built, nn.Module) and callable(built):
+        built = built()
+    if not isinstance(built, nn.Module):
+        raise CLIError(f"--base {spec} gave a {type(built).__name__}, not a torch.nn.Module.")
+    if isinstance(built, LightningModule):
+        built.configure_model()  # Lightning builds large models there, before the strategy's setup
+        built = peft_target(built)
+    return built.eval()
+
+
+def _load_pretrained(path: Path) -> nn.Module:
+    if not (path / "config.json").is_file():
+        raise CLIError(f"--base {path}: no config.json in it, so it is not a transformers model directory "
+                       f"(save_pretrained writes one).")
+    try:
+        from transformers import AutoModel, AutoModelForCausalLM
+    except ImportError:
+        raise CLIError(f"--base {path} is a transformers model directory: pip install transformers") from None
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+    except ValueError as err:  # not a causal LM architecture (an encoder, a classifier backbone, ...)
+        if "Unrecognized configuration class" not in str(err):
+            raise
+        return AutoModel.from_pretrained(path, local_files_only=True).eval()
+
+
+def _import_object(spec: str) -> Any:
+    module_name, _, attr = spec.partition(":")
+    if not attr:
+        module_name, _, attr = spec.rpartition(".")
+    try:
+        obj = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        raise CLIError(f"--base {spec}: no such directory, and no module {err.name!r} to import.") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise CLIError(f"--base {spec}: {module_name} has no attribute {attr!r}.")
+        obj = getattr(obj, part)
+    return obj
+
+
+def command_merge(args: argparse.Namespace) -> None:
+    adapter = adapter_directory(args.adapter, "--adapter")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} is a file; give a directory for model.safetensors.")
+    model = load_base(args.base)
+    if args.quantize:  # the function a QLoRA adapter was trained against: dequantized NF4 + s B A
+        quantize_base(model, QuantConfig(quant_type=args.quantize))
+    load_adapter(model, adapter)
+    weights = export_merged(model, out, dtype=DTYPES[args.dtype])
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    table = Table(title="merged model", show_header=False)
+    table.add_column("what")
+    table.add_column("value", overflow="fold")
+    for what, value in (("base", args.base), ("adapter", str(adapter)),
+                        ("base quantized first", args.quantize or "no (float base)"), ("written", str(weights)),
+                        ("dtype", manifest["dtype"]), ("tensors", f"{manifest['tensors']:,}"),
+                        ("bytes", f"{manifest['bytes']:,}")):
+        table.add_row(what, value)
+    Console().print(table)
+
+
+# ---------------------------------------------------------------------------------------- demo
+def command_demo(args: argparse.Namespace) -> None:
+    try:  # lazily: the CLI works without it, and the demo pulls in more than the other commands
+        from .demo import run_demo
+    except ModuleNotFoundError as err:
+        if err.name != f"{__package__}.demo":
+            raise
+        raise CLIError("this install has no lightning_peft.demo module; update lightning-peft.") from None
+    result = run_demo(out_dir=args.out, fast=args.fast, seed=args.seed)
+    Console().print(result)
+
+
+# ---------------------------------------------------------------------------------------- main
+COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "inspect": command_inspect, "merge": command_merge, "demo": command_demo}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lightning-peft", description="Parameter-efficient fine-tuning with "
+                                     "PyTorch Lightning: train, inspect adapters, export merged models.")
+    parser.add_argument("--version", action="version", version=f"lightning-peft {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in LIGHTNING_COMMANDS:  # dispatched to LightningCLI before this parser runs
+        commands.add_parser(name, add_help=False, help=f"LightningCLI {name} (--config cfg.yaml, --model.*, "
+                                                       f"--trainer.*); see lightning-peft {name} --help")
+
+    inspect = commands.add_parser("inspect", help="config, tensor counts and rank spectrum of an adapter directory",
+                                  description="Read an adapter directory (adapter_config.json + "
+                                              "adapter_model.safetensors) without the base model.")
+    inspect.add_argument("directory", help="the adapter directory")
+    inspect.add_argument("--energy", type=float, default=0.9,
+                         help="share of sum(sigma^2) the effective rank holds (default 0.9)")
+
+    merge = commands.add_parser("merge", help="merge an adapter into its base and write model.safetensors",
+                                description="Load the base, load the adapter, write the merged model "
+                                            "(keys of the plain architecture) with lightning_peft.export_merged.")
+    merge.add_argument("--base", required=True,
+                       help="a transformers model directory, or an import spec (pkg.module:build_model) of a "
+                            "module, class or function that builds the base")
+    merge.add_argument("--adapter", required=True, help="the adapter directory")
+    merge.add_argument("--out", required=True, help="output directory")
+    merge.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="dtype of the written tensors")
+    merge.add_argument("--quantize", choices=list(QUANT_TYPES), default=None,
+                       help="quantize the base as in training first (a QLoRA adapter: nf4), so that the export "
+                            "is the function that was trained; default: merge into the float base")
+
+    demo = commands.add_parser("demo", help="the quick demo: fine-tune a tiny model and report")
+    demo.add_argument("--fast", action="store_true", help="fewer steps")
+    demo.add_argument("--out", type=Path, default=None, help="where to write the demo's files")
+    demo.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"lightning-peft: warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``lightning-peft`` console script; returns the exit status."""
+    from_sys_argv = argv is None
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        return run_lightning(argv, from_sys_argv)
+    args = build_parser().parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            COMMANDS[args.command](args)
+    except USER_ERRORS as err:
+        print(f"lightning-peft {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
