@@ -14,17 +14,24 @@ they see the dequantized weight through :func:`dequantize_weight`.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
-import bitsandbytes as bnb
-import bitsandbytes.functional as bnb_functional
-import torch
-from rich.console import Console
-from rich.table import Table
-from torch import nn
+# bitsandbytes warns at import on AVX512-BF16 CPUs that an optional hub kernel for its CPU-packed
+# 4-bit layout is missing. quantize_linear turns that layout off, so the kernel is never used:
+# drop that one message (every other bitsandbytes message passes).
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward"))
 
-from .config import QuantConfig
-from .modules import find_attribute, output_heads, replace_module
+import bitsandbytes as bnb  # noqa: E402
+import bitsandbytes.functional as bnb_functional  # noqa: E402
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+from torch import nn  # noqa: E402
+
+from .config import QuantConfig  # noqa: E402
+from .modules import find_attribute, output_heads, replace_module  # noqa: E402
 
 QUANT_CONFIG_ATTR = "lp_quant_config"
 
