@@ -17,8 +17,8 @@ python -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print(
 LP_TEST_DEVICE=cuda run python -m pytest -q -p no:cacheprovider tests/test_qlora.py tests/test_lora_layer.py tests/test_peft_oracle.py
 LP_TEST_ACCELERATOR=cuda run python -m pytest -q -p no:cacheprovider tests/test_strategy.py
 run python scripts/fsdp_smoke.py "$out"
-if [ -f benchmarks/qlora_memory.py ]; then
-  run python benchmarks/qlora_memory.py --device cuda --out "$out/qlora_gpu.md"
+if [ -f benchmarks/qlora_gpu.py ]; then
+  run python benchmarks/qlora_gpu.py --out "$out/qlora_gpu.md"
 fi
 echo "gpu_check status: $status (log: $out/gpu_check.log)"
 exit $status
