@@ -232,6 +232,21 @@ def set_adapter(model: nn.Module, adapter_name: str, trainable: bool = True) -> 
 
 
 @contextmanager
+def _set_on_adapter_modules(model: nn.Module, attr: str, value):
+    """Set ``attr`` on every adapter module for the block; restore each one's value on exit,
+    also when the block raises."""
+    modules = [m for _, m in adapter_modules(model)]
+    previous = [getattr(m, attr) for m in modules]
+    for module in modules:
+        setattr(module, attr, value)
+    try:
+        yield model
+    finally:
+        for module, old in zip(modules, previous):
+            setattr(module, attr, old)
+
+
+@contextmanager
 def use_adapter(model: nn.Module, adapter_name: str):
     """Within the block every adapter module runs ``adapter_name`` (frozen or not, nothing about
     training changes): e.g. a frozen reference adapter next to the policy being trained. The
@@ -239,15 +254,8 @@ def use_adapter(model: nn.Module, adapter_name: str):
     if adapter_name not in adapter_configs(model):
         raise ValueError(f"no adapter named {adapter_name!r}; this model has {list(adapter_configs(model))}.")
     _refuse_if_merged(model, "switch adapters")
-    modules = [m for _, m in adapter_modules(model)]
-    previous = [m.active_adapter for m in modules]
-    for module in modules:
-        module.active_adapter = adapter_name
-    try:
+    with _set_on_adapter_modules(model, "active_adapter", adapter_name):
         yield model
-    finally:
-        for module, name in zip(modules, previous):
-            module.active_adapter = name
 
 
 @contextmanager
@@ -255,13 +263,6 @@ def disable_adapters(model: nn.Module):
     """Within the block the model computes its base function, bit for bit (the DPO/GRPO reference
     model, for free). The previous state comes back on exit, also when the block raises."""
     _refuse_if_merged(model, "disable adapters")
-    modules = [m for _, m in adapter_modules(model)]
-    previous = [m.disabled for m in modules]
-    for module in modules:
-        module.disabled = True
-    try:
+    with _set_on_adapter_modules(model, "disabled", True):
         yield model
-    finally:
-        for module, was_disabled in zip(modules, previous):
-            module.disabled = was_disabled
 
