@@ -44,7 +44,7 @@ from rich.table import Table
 from torch import nn
 
 from . import __version__
-from .callbacks.rank_monitor import TOP_VALUES_SHOWN, delta_singular_values, effective_rank
+from .callbacks.rank_monitor import TOP_VALUES_SHOWN, effective_rank, factor_singular_values
 from .checkpoint import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, _read_weights, load_adapter
 from .config import QUANT_TYPES, LoraConfig, QuantConfig
 from .inject import _matches, _pattern_value
@@ -119,18 +119,6 @@ class AdapterSummary:
     energy: float
 
 
-class _FileFactors:
-    """The two things :func:`delta_singular_values` reads from a ``LoraLayer`` (its factors and
-    their scaling), for factors read from a file instead of a model."""
-
-    def __init__(self, A: torch.Tensor, B: torch.Tensor, scaling: float) -> None:
-        self.factors = (A, B)
-        self.scaling = {"file": scaling}
-
-    def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.factors
-
-
 _LORA_SUFFIXES = {".lora_A.weight": "lora_A", ".lora_embedding_A": "lora_A", ".lora_B.weight": "lora_B",
                   ".lora_embedding_B": "lora_B", ".lora_magnitude_vector": "magnitude"}
 KINDS = ("lora_A", "lora_B", "magnitude", "modules_to_save", "bias", "other")
@@ -197,7 +185,7 @@ def inspect_adapter(directory: str | Path, energy: float = 0.9) -> AdapterSummar
         A, B = pair["lora_A"], pair["lora_B"]
         r = A.shape[0]
         scaling = lora_scaling(_pattern_value(config.alpha_pattern, path, config.lora_alpha), r, config.use_rslora)
-        sigma = delta_singular_values(_FileFactors(A, B, scaling), "file")
+        sigma = factor_singular_values(A, B, scaling)
         layers.append(LayerSpectrum(path, r, scaling, sigma, effective_rank(sigma, energy)))
     ordered = {kind: tuple(counts[kind]) for kind in KINDS if kind in counts}
     return AdapterSummary(directory, raw, ordered, layers, energy)

@@ -165,21 +165,23 @@ class _PEFTSetup:
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         module = self.lightning_module
-        state = checkpoint["state_dict"]
-        own = {k: v for k, v in module.state_dict().items() if k in adapter_state_keys(module)}
-        _check_adapter_state(own, state, checkpoint.get(CHECKPOINT_KEY, {}).get("adapters"),
-                             {n: c.to_dict() for n, c in adapter_configs(module).items()})
-        module.load_state_dict(state, strict=False)
+        check_checkpoint_adapters(module, checkpoint)
+        module.load_state_dict(checkpoint["state_dict"], strict=False)
         rng_states = checkpoint.get(CHECKPOINT_KEY, {}).get("rng_states")
         if rng_states is not None:  # resume draws the same dropout masks as an uninterrupted run
             set_rng_states(rng_states)
 
 
-def _check_adapter_state(own: dict[str, torch.Tensor], loaded: Mapping[str, Any],
-                         saved_configs: dict | None, configs: dict, source: str = "the checkpoint") -> None:
-    extra = (f"the checkpoint was written with adapter configs {saved_configs}, this run uses {configs}."
-             if saved_configs is not None and saved_configs != configs else None)
-    check_tensors_fit(own, loaded, source, what="checkpoint", extra=extra,
+def check_checkpoint_adapters(module: nn.Module, checkpoint: Mapping[str, Any]) -> None:
+    """Raise one clear error unless ``checkpoint["state_dict"]`` holds exactly ``module``'s adapter
+    tensors with their shapes (the frozen base is not expected); names both adapter configs when
+    the checkpoint records its own."""
+    own = {k: v for k, v in module.state_dict().items() if k in adapter_state_keys(module)}
+    saved = checkpoint.get(CHECKPOINT_KEY, {}).get("adapters")
+    configs = {n: c.to_dict() for n, c in adapter_configs(module).items()}
+    extra = (f"the checkpoint was written with adapter configs {saved}, this run uses {configs}."
+             if saved is not None and saved != configs else None)
+    check_tensors_fit(own, checkpoint["state_dict"], "the checkpoint", what="checkpoint", extra=extra,
                       fix="Resume with the same peft_config (r, target_modules, use_dora, modules_to_save) as the run "
                           "that wrote the checkpoint; a checkpoint of a full fine-tune cannot resume a PEFT run.")
 
@@ -208,8 +210,7 @@ def restore_adapters(module: nn.Module, checkpoint_path, quantize: bool = True) 
         quantize_base(peft_target(module), QuantConfig.from_dict(meta["quantization"]))
     for name, config in meta["adapters"].items():
         inject_adapters(peft_target(module), LoraConfig.from_dict(config, source=str(checkpoint_path)), name)
-    own = {k: v for k, v in module.state_dict().items() if k in adapter_state_keys(module)}
-    _check_adapter_state(own, checkpoint["state_dict"], None, {})
+    check_checkpoint_adapters(module, checkpoint)
     module.load_state_dict(checkpoint["state_dict"], strict=False)
     set_adapter(module, next(iter(meta["adapters"])))
     return module

@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ..checkpoint import TRAINING_STATE, read_training_state, save_adapter
 from ..inject import adapter_configs
-from ..strategy import (CHECKPOINT_KEY, _check_adapter_state, _PEFTSetup, adapter_state_keys, checkpoint_meta,
+from ..strategy import (CHECKPOINT_KEY, _PEFTSetup, check_checkpoint_adapters, adapter_state_keys, checkpoint_meta,
                         set_rng_states)
 
 
@@ -102,9 +102,7 @@ class AdapterCheckpoint(ModelCheckpoint):
         # our strategies restore the RNG states themselves; under any other strategy do it here
         meta = checkpoint.get(CHECKPOINT_KEY)
         if meta and not isinstance(trainer.strategy, _PEFTSetup):
-            own = {k: v for k, v in pl_module.state_dict().items() if k in adapter_state_keys(pl_module)}
-            _check_adapter_state(own, checkpoint["state_dict"], meta["adapters"],
-                                 {n: c.to_dict() for n, c in adapter_configs(pl_module).items()})
+            check_checkpoint_adapters(pl_module, checkpoint)
             set_rng_states(meta["rng_states"])
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:

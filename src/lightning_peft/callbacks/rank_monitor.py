@@ -32,12 +32,18 @@ from ..methods import LoraLayer
 TOP_VALUES_SHOWN = 5
 
 
+def factor_singular_values(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Singular values of ``scaling * B @ A`` (``A: [r, in]``, ``B: [out, r]``), descending, fp32,
+    from two thin QR factorisations: the ``[out, in]`` product is never formed."""
+    _, r_b = torch.linalg.qr(B.detach().float())
+    _, r_a = torch.linalg.qr(A.detach().float().t())
+    return abs(scaling) * torch.linalg.svdvals(r_b @ r_a.t())
+
+
 def delta_singular_values(layer: LoraLayer, adapter_name: str) -> torch.Tensor:
     """Singular values of ``s B A`` for ``adapter_name`` of ``layer``, descending, ``[min(r, out, in)]`` fp32."""
     A, B = layer._factors(adapter_name)
-    _, r_b = torch.linalg.qr(B.detach().float())
-    _, r_a = torch.linalg.qr(A.detach().float().t())
-    return abs(layer.scaling[adapter_name]) * torch.linalg.svdvals(r_b @ r_a.t())
+    return factor_singular_values(A, B, layer.scaling[adapter_name])
 
 
 def effective_rank(sigma: torch.Tensor, energy: float) -> int:
