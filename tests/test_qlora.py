@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import lightning_peft as lp
 from conftest import DEVICE, realistic_adapter, rel_err, tiny_llama, token_batch
-from lightning_peft.quantize import dequantize_weight, is_quantized, quantize_linear
+from lightning_peft.quantize import dequantize_weight, is_quantized, logical_numel, quantize_linear
 
 
 def _quantized_llama(seed=0, quant=None, **kwargs):
@@ -57,6 +57,15 @@ def test_memory_report_bytes_per_param(double_quant, low, high):
     assert report.quantized_params == linear_params == 4 * (4 * 256 * 256 // 1 - 2 * 256 * 128 + 3 * 256 * 512)
     assert low <= report.quantized_bytes_per_param <= high  # NF4: 4 + 0.127 bits (4.5 without double quant)
     assert report.float_params == sum(p.numel() for n, p in model.named_parameters() if "proj" not in n)
+
+
+def test_logical_numel_counts_weights_not_packed_bytes():
+    model = tiny_llama()
+    float_count = sum(p.numel() for p in model.parameters())
+    lp.quantize_base(model, lp.QuantConfig())
+    packed = sum(p.numel() for p in model.parameters())
+    assert packed < float_count  # two 4-bit weights per stored byte: numel() undercounts
+    assert sum(logical_numel(p) for p in model.parameters()) == float_count
 
 
 def test_quantized_base_is_frozen_and_refuses_wrong_order():

@@ -341,8 +341,7 @@ def command_demo(args: argparse.Namespace) -> None:
         if err.name != f"{__package__}.demo":
             raise
         raise CLIError("this install has no lightning_peft.demo module; update lightning-peft.") from None
-    result = run_demo(out_dir=args.out, fast=args.fast, seed=args.seed)
-    Console().print(result)
+    run_demo(out_dir=args.out, fast=args.fast, seed=args.seed)  # prints its own summary table
 
 
 # ---------------------------------------------------------------------------------------- main

@@ -41,6 +41,13 @@ def is_quantized(module: nn.Module) -> bool:
     return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
 
+def logical_numel(param: torch.Tensor) -> int:
+    """How many weights ``param`` stands for: a packed 4-bit tensor holds two per byte, so its
+    ``numel()`` is half the layer's ``out * in`` (read from its quant state instead)."""
+    state = getattr(param, "quant_state", None)
+    return state.shape.numel() if state is not None and hasattr(state, "shape") else param.numel()
+
+
 def quant_config(model: nn.Module) -> QuantConfig | None:
     """The :class:`QuantConfig` ``model`` (or the submodule of it that was quantized) used, or None."""
     return find_attribute(model, QUANT_CONFIG_ATTR)[1]

@@ -30,7 +30,7 @@ from torch import nn
 from .checkpoint import check_tensors_fit, read_training_state
 from .config import LoraConfig, QuantConfig
 from .inject import adapter_configs, adapter_parameters, inject_adapters, set_adapter
-from .quantize import quant_config, quantize_base
+from .quantize import logical_numel, quant_config, quantize_base
 
 CHECKPOINT_KEY = "lightning_peft"
 
@@ -129,7 +129,7 @@ class _PEFTSetup:
         inject_adapters(target, self.peft_config, self.adapter_name)
         set_adapter(module, self.adapter_name)  # freezes what lies outside the target as well
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in module.parameters())
+        total = sum(logical_numel(p) for p in module.parameters())  # 4-bit: weights, not packed bytes
         rank_zero_info(f"lightning-peft: {trainable:,} trainable of {total:,} parameters "
                        f"({100 * trainable / max(total, 1):.3f} %), quantization="
                        f"{self.quant_config.quant_type if self.quant_config else None}")
