@@ -10,6 +10,7 @@ from .config import LoraConfig, QuantConfig
 from .estimate import MemoryEstimate, estimate_memory
 from .inject import adapter_configs, delete_adapter, disable_adapters, inject_adapters, set_adapter, use_adapter
 from .merge import export_merged, merge_adapters, merged_state_dict, unmerge_adapters
+from .multi import adapter_ids, combine_adapters, hot_swap_adapter
 from .quantize import MemoryReport, memory_report, quantize_base
 from .recipe import recipe_optimizer
 from .report import AdapterReport, adapter_report
@@ -29,11 +30,14 @@ __all__ = [
     "PEFTStrategy",
     "QuantConfig",
     "adapter_configs",
+    "adapter_ids",
     "adapter_report",
+    "combine_adapters",
     "delete_adapter",
     "disable_adapters",
     "estimate_memory",
     "export_merged",
+    "hot_swap_adapter",
     "inject_adapters",
     "load_adapter",
     "memory_report",

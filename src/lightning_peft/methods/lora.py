@@ -17,6 +17,20 @@ Three base layers are wrapped, all through the same ``[out, in]`` view of the we
 ``[dim, num_embeddings]`` so that ``x`` is a one-hot row index). Tensor names follow HF PEFT
 (``lora_A``/``lora_B`` modules, ``lora_embedding_A``/``lora_embedding_B`` and
 ``lora_magnitude_vector`` parameters) so that files and state dicts line up.
+
+Mixed-adapter batches (``row_adapters`` set by :func:`lightning_peft.adapter_ids`): row ``n`` of
+the batch runs adapter ``ids[n]`` (or none). The layer's K adapters are stacked once, rank
+zero-padded to ``R = max r`` (a zero row of A and column of B add nothing), slot 0 all zeros
+for the base, scaling folded into B:
+
+    A*: [K+1, in, R]   (A_k^T)        B*: [K+1, R, out]   (s_k B_k^T)
+    y_n = W x_n + b + (x_n A*[k_n]) B*[k_n]        x_n: [T, in], two batched matmuls (bmm)
+    DoRA rows: y_n = m_k / ||W + s_k B_k A_k||_row * (W x_n + (x_n A*) B*) + b
+
+The stack is cached and rebuilt only when a tensor it was built from changed: each source
+tensor's ``(data_ptr, _version)`` is compared on every call (in-place updates by an optimizer or
+a hot swap bump ``_version``; a reassigned ``.data`` moves ``data_ptr``). When autograd needs
+the adapter tensors (training through a mixed batch) the stack is built fresh, differentiably.
 """
 
 from __future__ import annotations
@@ -102,6 +116,8 @@ class LoraLayer(AdapterModule):
         self.scaling: dict[str, float] = {}
         self.merged: list[str] = []
         self.dora_merge_norms: dict[str, torch.Tensor] = {}  # row norms at merge time, for unmerge
+        self.row_adapters: tuple[str | None, ...] | None = None  # per-row adapter names (adapter_ids)
+        self._stack_cache: dict | None = None  # stacked adapters for mixed batches (see module doc)
 
     @classmethod
     def from_layer(cls, base_layer: nn.Module, fan_in_fan_out: bool = False) -> "LoraLayer":
@@ -231,6 +247,8 @@ class LoraLayer(AdapterModule):
     # ------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
+        if self.row_adapters is not None and not self.disabled:
+            return self._mixed_forward(x, result)
         name = self.active_adapter
         if self.disabled or name is None or name not in self.scaling or name in self.merged:
             return result
@@ -255,4 +273,96 @@ class LoraLayer(AdapterModule):
         bias = getattr(self.base_layer, "bias", None)
         out = result if bias is None else result - bias
         out = torch.add(out, lora.to(result.dtype), alpha=self.scaling[name]) * scale
+        return out if bias is None else out + bias
+
+    # -------------------------------------------------------------------- mixed-adapter batches
+    def _stack_sources(self) -> list[torch.Tensor]:
+        """Every tensor the stacked adapters are computed from (the base weight only for DoRA)."""
+        tensors = [t for name in self.scaling for t in self.adapter_state(name).values()]
+        if self.lora_magnitude_vector:
+            tensors.append(self.base_layer.weight)
+        return tensors
+
+    def _build_stack(self) -> dict:
+        """``A*: [K+1, in, R]``, ``B*: [K+1, R, out]`` (scaled), DoRA row scales ``[K+1, out]``,
+        dropout probabilities ``[K+1]`` and ``{name: slot}``; slot 0 is the base (all zeros)."""
+        names = list(self.scaling)
+        factors = [self._factors(n) for n in names]
+        A0, _ = factors[0]
+        rank = max(A.shape[0] for A, _ in factors)
+        zeros_a = A0.new_zeros(self.in_features, rank)
+        zeros_b = A0.new_zeros(rank, self.out_features)
+        A_stack = torch.stack([zeros_a] + [F.pad(A.t(), (0, rank - A.shape[0])) for A, _ in factors])
+        B_stack = torch.stack([zeros_b] + [F.pad(B.t() * self.scaling[n], (0, 0, 0, rank - B.shape[1]))
+                                           for n, (_, B) in zip(names, factors)])
+        dora = None
+        if self.lora_magnitude_vector:
+            ones = A0.new_ones(self.out_features)
+            rows = []
+            for n in names:
+                if n not in self.lora_magnitude_vector:
+                    rows.append(ones)
+                    continue
+                with torch.no_grad():  # detached, as in the single-adapter forward
+                    norm = self.dora_row_norm(n)
+                magnitude = self.lora_magnitude_vector[n]
+                rows.append(magnitude / norm.to(magnitude.dtype))
+            dora = torch.stack([ones] + rows)
+        probs = [0.0] + [getattr(self.lora_dropout[n], "p", 0.0) for n in names]
+        return {"slots": {n: i + 1 for i, n in enumerate(names)}, "A": A_stack, "B": B_stack,
+                "dora": dora, "dora_slots": {i + 1 for i, n in enumerate(names) if n in self.lora_magnitude_vector},
+                "p": torch.tensor(probs, dtype=A0.dtype, device=A0.device) if any(probs) else None, "rows": None}
+
+    def _stack(self) -> dict:
+        """The stacked adapters: cached unless autograd needs them (then built fresh each call)."""
+        sources = self._stack_sources()
+        if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
+            return self._build_stack()
+        signature = (tuple(self.scaling.items()), tuple((t.data_ptr(), t._version) for t in sources))
+        cache = self._stack_cache
+        if cache is None or cache["signature"] != signature:
+            with torch.no_grad():
+                cache = self._build_stack()
+            cache["signature"] = signature
+            self._stack_cache = cache
+        return cache
+
+    def _row_slots(self, stack: dict, device: torch.device) -> tuple[torch.Tensor, bool]:
+        """``(slot index per row [N], whether a row runs DoRA)``; memoised per ids tuple."""
+        ids = self.row_adapters
+        if stack["rows"] is not None and stack["rows"][0] is ids and stack["rows"][1].device == device:
+            return stack["rows"][1], stack["rows"][2]
+        slots = [stack["slots"].get(name, 0) for name in ids]  # an adapter not on this layer = base
+        index = torch.tensor(slots, dtype=torch.long, device=device)
+        uses_dora = bool(stack["dora_slots"].intersection(slots))
+        stack["rows"] = (ids, index, uses_dora)
+        return index, uses_dora
+
+    def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Row ``n`` of ``x: [N, ..., in]`` through adapter ``row_adapters[n]``; see module doc."""
+        rows = len(self.row_adapters)
+        if not self.scaling:
+            return result
+        if x.shape[0] != rows:
+            raise ValueError(f"adapter_ids gave {rows} ids, but this layer got a batch of {x.shape[0]} rows "
+                             f"(input {tuple(x.shape)}); give one id per row of the batch (with beam search or "
+                             f"num_return_sequences, repeat each id for every copy of its row).")
+        stack = self._stack()
+        A_stack, B_stack = stack["A"], stack["B"]
+        index, uses_dora = self._row_slots(stack, x.device)
+        if self.kind == "embedding":
+            shrunk = A_stack[index.view(-1, *[1] * (x.dim() - 1)), x].reshape(rows, -1, A_stack.shape[-1])
+        else:
+            h = x.to(A_stack.dtype)
+            if self.training and stack["p"] is not None:  # inverted dropout with each row's own p
+                p = stack["p"][index].view(-1, *[1] * (x.dim() - 1))
+                h = h * (torch.rand_like(h) >= p) / (1.0 - p)
+            shrunk = torch.bmm(h.reshape(rows, -1, self.in_features), A_stack[index])
+        lora = torch.bmm(shrunk, B_stack[index]).view(result.shape).to(result.dtype)
+        if not uses_dora:
+            return result + lora
+        scale = stack["dora"][index].to(result.dtype).view(rows, *[1] * (result.dim() - 2), -1)
+        bias = getattr(self.base_layer, "bias", None)
+        out = result if bias is None else result - bias
+        out = (out + lora) * scale
         return out if bias is None else out + bias

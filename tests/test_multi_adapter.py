@@ -1,0 +1,312 @@
+"""Many adapters over one base: mixed-adapter batches against each row run alone, combining
+adapters against float64 formulas and HF PEFT's add_weighted_adapter, hot swap in place."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import lightning_peft as lp
+from conftest import max_abs, realistic_adapter, tiny_llama, token_batch
+from lightning_peft.inject import adapter_modules
+from lightning_peft.methods import LoraLayer
+
+# four adapters of different ranks and targets (embedding included; "d" is DoRA)
+ADAPTERS = {
+    "a": lp.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False),
+    "b": lp.LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=True, init_lora_weights=False),
+    "c": lp.LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "embed_tokens"],
+                       init_lora_weights=False),
+    "d": lp.LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, use_dora=True, target_modules=["k_proj", "down_proj"],
+                       init_lora_weights=False),
+}
+IDS = ["a", None, "c", "b", "d", "a", "__base__", "d"]
+
+
+def _model(names=ADAPTERS, quantized=False, seed=0):
+    model = tiny_llama(seed=seed)
+    if quantized:
+        lp.quantize_base(model, lp.QuantConfig(compute_dtype=torch.float32))
+    for i, name in enumerate(names):
+        lp.inject_adapters(model, ADAPTERS[name], adapter_name=name)
+        realistic_adapter(model, name, seed=i)
+    return model
+
+
+def _each_row_alone(model, input_ids, ids):
+    """The reference: row n run on its own, with adapter ids[n] active (or adapters off)."""
+    rows = []
+    with torch.no_grad():
+        for row, name in zip(input_ids, ids):
+            if name in (None, "__base__"):
+                with lp.disable_adapters(model):
+                    rows.append(model(input_ids=row[None]).logits)
+            else:
+                with lp.use_adapter(model, name):
+                    rows.append(model(input_ids=row[None]).logits)
+    return torch.cat(rows)
+
+
+# ---------------------------------------------------------------------------- mixed batches
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "nf4"])
+def test_mixed_batch_equals_each_row_alone(quantized):
+    model = _model(quantized=quantized)
+    input_ids = token_batch(batch=len(IDS), seq=10)
+    reference = _each_row_alone(model, input_ids, IDS)
+    with torch.no_grad(), lp.adapter_ids(model, IDS):
+        mixed = model(input_ids=input_ids).logits
+    assert max_abs(mixed, reference) <= 1e-5
+    # the adapters really differ per row (a mixed batch that ran one adapter everywhere would fail)
+    with torch.no_grad(), lp.use_adapter(model, "a"):
+        assert max_abs(model(input_ids=input_ids).logits, reference) > 1e-2
+
+
+def test_mixed_ranks_are_zero_padded_in_one_stack():
+    model = _model()
+    layer = model.model.layers[0].self_attn.k_proj  # holds a (r=4), b (r=8), d (r=16, DoRA)
+    with torch.no_grad(), lp.adapter_ids(model, IDS):
+        model(input_ids=token_batch(batch=len(IDS)))
+    stack = layer._stack_cache
+    assert stack["A"].shape == (4, 64, 16) and stack["B"].shape == (4, 16, layer.out_features)
+    assert stack["A"][1, :, 4:].abs().max() == 0 and stack["B"][0].abs().max() == 0
+
+
+def test_stack_cache_is_reused_and_rebuilt_after_in_place_updates():
+    model = _model(names=["a", "b"])
+    input_ids = token_batch(batch=3)
+    ids = ["a", "b", None]
+    layer = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad(), lp.adapter_ids(model, ids):
+        model(input_ids=input_ids)
+        first = layer._stack_cache
+        model(input_ids=input_ids)
+        assert layer._stack_cache is first  # no re-stacking while nothing changed
+        for module in model.modules():  # an optimizer-like in-place step on adapter "b"
+            if isinstance(module, LoraLayer) and "b" in module.scaling:
+                module.lora_B["b"].weight.mul_(-2.0)
+        mixed = model(input_ids=input_ids).logits
+        assert layer._stack_cache is not first
+    assert max_abs(mixed, _each_row_alone(model, input_ids, ids)) <= 1e-5
+
+
+def test_gradients_through_a_mixed_batch_equal_per_row_gradients():
+    model = _model(names=["a", "b"])
+    lp.set_adapter(model, "a")
+    params = [p for m in model.modules() if isinstance(m, LoraLayer) for n in ("a", "b")
+              for p in m.adapter_state(n).values()]
+    for p in params:
+        p.requires_grad_(True)
+    input_ids, ids = token_batch(batch=4), ["a", "b", None, "b"]
+    with lp.adapter_ids(model, ids):
+        model(input_ids=input_ids).logits.square().mean(dim=(1, 2)).sum().backward()
+    mixed = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    for row, name in zip(input_ids, ids):
+        if name is None:
+            continue
+        with lp.use_adapter(model, name):
+            model(input_ids=row[None]).logits.square().mean().backward()
+    assert max(max_abs(g, p.grad) for g, p in zip(mixed, params)) <= 1e-6
+
+
+def test_without_ids_the_lora_forward_is_bit_identical():
+    model = _model(names=["a", "b"])
+    input_ids = token_batch(batch=3)
+    with torch.no_grad():
+        before = model(input_ids=input_ids).logits
+        with lp.adapter_ids(model, ["b", "a", None]):
+            model(input_ids=input_ids)
+        after = model(input_ids=input_ids).logits
+    assert torch.equal(before, after)
+    assert all(m.row_adapters is None for m in model.modules() if isinstance(m, LoraLayer))
+
+
+def test_bad_ids_are_refused_with_the_fix():
+    model = _model(names=["a", "b"])
+    with pytest.raises(ValueError, match=r"does not have: \['zz'\]"):
+        with lp.adapter_ids(model, ["a", "zz"]):
+            pass
+    with pytest.raises(ValueError, match="one id per row"):
+        with torch.no_grad(), lp.adapter_ids(model, ["a", "b"]):
+            model(input_ids=token_batch(batch=3))
+    assert all(m.row_adapters is None for m in model.modules() if isinstance(m, LoraLayer))
+    lp.merge_adapters(model, "a")
+    with pytest.raises(RuntimeError, match="unmerge_adapters"):
+        with lp.adapter_ids(model, ["a", "b"]):
+            pass
+
+
+def test_other_adapter_modules_raise_or_run_the_base():
+    model = tiny_llama()
+    lp.inject_adapters(model, lp.LoraConfig(r=4, init_lora_weights=False, target_modules=["q_proj"],
+                                            modules_to_save=["lm_head"]), adapter_name="head")
+    lp.inject_adapters(model, lp.LoraConfig(r=4, init_lora_weights=False, target_modules=["v_proj"]), adapter_name="v")
+    with torch.no_grad():
+        model.lm_head.modules_to_save["head"].weight.mul_(2.0)
+    with pytest.raises(NotImplementedError, match=r"lm_head .*ModulesToSave.*\['head'\].*use_adapter"):
+        with lp.adapter_ids(model, ["head", "v"]):
+            pass
+    input_ids = token_batch(batch=2)
+    with torch.no_grad(), lp.adapter_ids(model, ["v", None]):  # lm_head holds neither: runs the original
+        mixed = model(input_ids=input_ids).logits
+    assert max_abs(mixed, _each_row_alone(model, input_ids, ["v", None])) <= 1e-5
+    assert not model.lm_head.disabled
+
+
+class _Serving(L.LightningModule):
+    """predict_step for batches that carry one adapter id per row."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def predict_step(self, batch, batch_idx):
+        with lp.adapter_ids(self.model, batch["adapter_ids"]):
+            return self.model(input_ids=batch["input_ids"]).logits
+
+
+def test_trainer_predict_with_per_row_adapter_ids():
+    model = _model(names=["a", "b", "c"])
+    input_ids = token_batch(batch=6, seq=8)
+    ids = ["a", "b", "__base__", "c", "c", "a"]
+    requests = [{"input_ids": row, "adapter_ids": name} for row, name in zip(input_ids, ids)]
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    out = trainer.predict(_Serving(model), DataLoader(requests, batch_size=3))
+    assert max_abs(torch.cat(out), _each_row_alone(model, input_ids, ids)) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------ combining
+def _lora_layers(model):
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def _expected_delta(layer, names, weights):
+    """``sum_i w_i s_i B_i A_i`` in float64 over the adapters this layer holds."""
+    total = 0
+    for n, w in zip(names, weights):
+        if n in layer.scaling:
+            A, B = (t.double() for t in layer._factors(n))
+            total = total + w * layer.scaling[n] * (B @ A)
+    return total
+
+
+def test_cat_is_exact_and_svd_at_full_rank_is_exact():
+    model = _model(names=["a", "b", "c"])
+    names, weights = ["a", "b", "c"], [0.7, -1.3, 2.0]
+    lp.combine_adapters(model, names, weights, method="cat", new_name="cat")
+    lp.combine_adapters(model, names, weights, method="svd", new_name="svd", svd_rank=4 + 8 + 2)
+    assert lp.adapter_configs(model)["cat"].r == 14
+    for layer in _lora_layers(model):
+        expected = _expected_delta(layer, names, weights)
+        scale = expected.norm().item()
+        assert (layer.delta_weight("cat").double() - expected).norm().item() <= 1e-6 * scale
+        assert (layer.delta_weight("svd").double() - expected).norm().item() <= 1e-5 * scale
+    # the active adapter and the trainable set did not change
+    assert {m.active_adapter for m in _lora_layers(model)} == {"c"}
+    assert not any(p.requires_grad for m in _lora_layers(model) for p in m.adapter_state("cat").values())
+
+
+def test_linear_matches_its_formula():
+    model = _model(names=["a"])
+    lp.inject_adapters(model, lp.LoraConfig(r=4, lora_alpha=2, init_lora_weights=False), adapter_name="a2")
+    realistic_adapter(model, "a2", seed=5)
+    names, weights = ["a", "a2"], [0.5, -0.8]
+    lp.combine_adapters(model, names, weights, method="linear", new_name="lin")
+    for layer in _lora_layers(model):
+        A_ref, B_ref = 0, 0
+        for n, w in zip(names, weights):
+            ws = w * layer.scaling[n]
+            A, B = (t.double() for t in layer._factors(n))
+            A_ref = A_ref + (1 if ws >= 0 else -1) * abs(ws) ** 0.5 * A
+            B_ref = B_ref + abs(ws) ** 0.5 * B
+        A_new, B_new = layer._factors("lin")
+        assert max_abs(A_new, A_ref) <= 1e-6 and max_abs(B_new, B_ref) <= 1e-6
+        assert layer.scaling["lin"] == 1.0
+
+
+@pytest.mark.parametrize("method", ["cat", "linear", "svd"])
+def test_combination_matches_hf_peft_add_weighted_adapter(method, tmp_path):
+    peft = pytest.importorskip("peft")
+    model = _model(names=["a"])
+    lp.inject_adapters(model, lp.LoraConfig(r=4, lora_alpha=2, init_lora_weights=False), adapter_name="e")
+    realistic_adapter(model, "e", seed=7)
+    for name in ("a", "e"):
+        lp.save_adapter(model, tmp_path / name, adapter_name=name)
+    weights = [1.5, -0.6]
+    lp.combine_adapters(model, ["a", "e"], weights, method=method, new_name="new")
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "a"), adapter_name="a")
+    theirs.load_adapter(str(tmp_path / "e"), adapter_name="e")
+    theirs.add_weighted_adapter(["a", "e"], weights, adapter_name="new", combination_type=method)
+    ours_state = lp.checkpoint.adapter_tensors(model, "new")
+    theirs_state = peft.get_peft_model_state_dict(theirs, adapter_name="new")
+    assert ours_state.keys() == theirs_state.keys()
+    for key in ours_state:
+        if method != "svd" or key.endswith("lora_A.weight"):
+            continue  # svd: singular vectors are defined up to sign; compare B A below
+        A_key = key.replace("lora_B", "lora_A")
+        ours_delta = ours_state[key] @ ours_state[A_key]
+        theirs_delta = theirs_state[key] @ theirs_state[A_key]
+        assert max_abs(ours_delta, theirs_delta) <= 1e-5
+    if method != "svd":
+        assert max(max_abs(ours_state[k], theirs_state[k]) for k in ours_state) <= 1e-6
+
+
+def test_combine_refuses_what_has_no_weighted_sum():
+    model = _model(names=["a", "b", "d"])
+    with pytest.raises(ValueError, match="DoRA"):
+        lp.combine_adapters(model, ["a", "d"], [1, 1], new_name="x")
+    with pytest.raises(ValueError, match='one rank, got ranks \\[4, 8\\]; use "cat" or "svd"'):
+        lp.combine_adapters(model, ["a", "b"], [1, 1], method="linear", new_name="x")
+    with pytest.raises(ValueError, match="2 adapters but 1 weights"):
+        lp.combine_adapters(model, ["a", "b"], [1], new_name="x")
+    assert "x" not in lp.adapter_configs(model)
+
+
+# ------------------------------------------------------------------------------------- hot swap
+def _saved(tmp_path, name, seed, **overrides):
+    model = tiny_llama()
+    config = lp.LoraConfig(**{"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "init_lora_weights": False, **overrides})
+    lp.inject_adapters(model, config)
+    realistic_adapter(model, seed=seed)
+    return lp.save_adapter(model, tmp_path / name)
+
+
+def test_hot_swap_equals_a_fresh_load_and_keeps_every_storage(tmp_path):
+    first, second = _saved(tmp_path, "first", 1), _saved(tmp_path, "second", 2, lora_alpha=16)
+    model = lp.load_adapter(tiny_llama(), first, adapter_name="served")
+    lp.inject_adapters(model, ADAPTERS["a"], adapter_name="other")
+    realistic_adapter(model, "other", seed=3)
+    tensors = lp.checkpoint.adapter_tensors(model, "served")
+    pointers = {k: t.data_ptr() for k, t in tensors.items()}
+    input_ids = token_batch(batch=2)
+    with torch.no_grad(), lp.adapter_ids(model, ["served", "other"]):
+        model(input_ids=input_ids)  # fills the stacked-adapter cache before the swap
+    lp.hot_swap_adapter(model, second, adapter_name="served")
+
+    fresh = lp.load_adapter(tiny_llama(), second)
+    with torch.no_grad():
+        expected = fresh(input_ids=input_ids).logits
+        with lp.use_adapter(model, "served"):
+            swapped = model(input_ids=input_ids).logits
+        with lp.adapter_ids(model, ["served", "served"]):
+            mixed = model(input_ids=input_ids).logits
+    assert max_abs(swapped, expected) <= 1e-6 and max_abs(mixed, expected) <= 1e-5
+    after = lp.checkpoint.adapter_tensors(model, "served")
+    assert {k: t.data_ptr() for k, t in after.items()} == pointers
+    assert all(after[k] is tensors[k] for k in tensors)
+    assert lp.adapter_configs(model)["served"].lora_alpha == 16
+
+
+def test_hot_swap_mismatch_leaves_the_model_untouched(tmp_path):
+    first, other_rank = _saved(tmp_path, "first", 1), _saved(tmp_path, "r8", 2, r=8)
+    model = lp.load_adapter(tiny_llama(), first)
+    before = {k: t.clone() for k, t in lp.checkpoint.adapter_tensors(model).items()}
+    with pytest.raises(ValueError, match=r"shape mismatch.*file \(8, 64\) vs model \(4, 64\)[\s\S]*load_adapter"):
+        lp.hot_swap_adapter(model, other_rank)
+    assert all(torch.equal(t, before[k]) for k, t in lp.checkpoint.adapter_tensors(model).items())
+    assert lp.adapter_configs(model)["default"].r == 4
+    with pytest.raises(ValueError, match="no adapter named 'zz'"):
+        lp.hot_swap_adapter(model, first, adapter_name="zz")
