@@ -2,9 +2,11 @@
 
 A directory holds ``adapter_config.json`` and ``adapter_model.safetensors``. Keys are PEFT's:
 ``base_model.model.<module path>.lora_A.weight``, ``...lora_B.weight``,
-``...lora_magnitude_vector`` (DoRA), ``...lora_embedding_A`` / ``_B`` (embeddings), and the
-module's own keys for ``modules_to_save`` copies and trained biases; the adapter name is not in
-the file. Both libraries read each other's directories.
+``...lora_magnitude_vector`` (DoRA), ``...lora_embedding_A`` / ``_B`` (embeddings), ``...ia3_l``
+((IA)^3), ``prompt_embeddings`` (prompt and prefix tuning: no module path), and the module's own
+keys for ``modules_to_save`` copies and trained biases; the adapter name is not in the file.
+Both libraries read each other's directories. BitFit (``...bitfit_bias``) and bottleneck adapters
+(``...adapter_down.weight`` etc.) have no PEFT counterpart: their keys are ours, same layout.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .atomic import atomic_write
-from .config import LoraConfig
-from .inject import adapter_configs, adapter_modules, adapter_owner, adapter_parameters, delete_adapter, inject_adapters, set_adapter
+from .config import config_from_dict
+from .inject import _inject, adapter_configs, adapter_modules, adapter_owner, adapter_parameters, delete_adapter, set_adapter
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -39,8 +41,8 @@ def adapter_tensors(model: nn.Module, adapter_name: str = "default") -> dict[str
     for path, module in adapter_modules(model):
         if adapter_name in module.adapter_names():
             for key, tensor in module.adapter_state(adapter_name).items():
-                tensors[f"{KEY_PREFIX}{path}.{key}"] = tensor
-                owned.add(id(tensor))
+                tensors[key if module.model_level else f"{KEY_PREFIX}{path}.{key}"] = tensor
+            owned.update(id(t) for t in module.trainable_tensors(adapter_name))
     for name, param in adapter_parameters(model, adapter_name).items():
         if id(param) not in owned:  # biases freed by the config's ``bias`` setting
             tensors[KEY_PREFIX + name] = param
@@ -126,13 +128,14 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not an adapter directory "
                                 f"(save_adapter or PEFT's save_pretrained write one).")
     try:
-        config = LoraConfig.from_dict(json.loads(config_path.read_text()), source=str(config_path))
+        config = config_from_dict(json.loads(config_path.read_text()), source=str(config_path))
     except json.JSONDecodeError as err:
         raise ValueError(f"{config_path} is not valid JSON ({err}).") from None
     loaded = _read_weights(directory, allow_pickle)
     # Injecting as the config says also redoes PiSSA's SVD split, which turns the base weights into
     # the residual the adapter was trained against (the file holds A and B, not the residual).
-    inject_adapters(model, config, adapter_name)
+    # A prefix saved from a projection MLP is loaded as the prefix itself (PEFT does the same).
+    _inject(model, config, adapter_name, loading=True)
     expected = adapter_tensors(model, adapter_name)
     try:
         check_tensors_fit(expected, loaded, str(directory / WEIGHTS_NAME))

@@ -1,8 +1,13 @@
 """Adapter configurations, validated at construction.
 
-Field names follow HF PEFT (``peft.LoraConfig``) so that configs read the same and
-``adapter_config.json`` files round-trip between the two libraries. Defaults follow the
-practical recipe (r=16, alpha=32, dropout 0.05, all linear layers), not PEFT's.
+Field names follow HF PEFT (``peft.LoraConfig``, ``peft.IA3Config``, ...) so that configs read
+the same and ``adapter_config.json`` files round-trip between the two libraries. Defaults follow
+the practical recipe (r=16, alpha=32, dropout 0.05, all linear layers), not PEFT's.
+
+Every adapter config is an :class:`AdapterConfig`: a ``peft_type`` (the key of
+``adapter_config.json`` that names the method: PEFT's ``"LORA"``, ``"IA3"``, ``"PROMPT_TUNING"``,
+``"PREFIX_TUNING"``; ours ``"BITFIT"``, ``"BOTTLENECK"``), ``to_dict`` and ``from_dict``.
+:func:`config_from_dict` picks the class from a file's ``peft_type``.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import dataclasses
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, ClassVar, Union
 
 import torch
 
@@ -60,8 +65,60 @@ def _check_pattern(pattern: dict, field_name: str, kinds: tuple[type, ...]) -> d
     return dict(pattern)
 
 
+class AdapterConfig:
+    """What every adapter config shares: ``peft_type``, ``to_dict`` (the ``adapter_config.json``
+    content) and ``from_dict`` (ours or PEFT's file; unknown fields ignored with a warning)."""
+
+    peft_type: ClassVar[str] = ""
+    # our field name -> PEFT's, where they differ
+    peft_names: ClassVar[dict[str, str]] = {}
+    # PEFT fields this class lacks, at the value that means "off" (ignored without a warning)
+    peft_off_values: ClassVar[dict[str, Any]] = {}
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def _from_peft(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """PEFT's field names (and values) to ours."""
+        renamed = {peft: ours for ours, peft in cls.peft_names.items()}
+        return {renamed.get(k, k): v for k, v in data.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "adapter config"):
+        """Build from an ``adapter_config.json`` dict (ours or PEFT's).
+
+        Fields this class does not have are ignored: silently when they hold PEFT metadata or an
+        empty/default value, with a warning naming them otherwise.
+        """
+        peft_type = data.get("peft_type", cls.peft_type)
+        if peft_type != cls.peft_type:
+            raise ValueError(f"{source}: peft_type={peft_type!r}, expected {cls.peft_type!r}.")
+        data = cls._from_peft(dict(data))
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        off = {**_PEFT_OFF_VALUES, **cls.peft_off_values}
+        ignored = {k: v for k, v in data.items()
+                   if k not in known and k not in _PEFT_METADATA
+                   and v not in (None, False, {}, [], "") and v != off.get(k, object())}
+        if ignored:
+            warnings.warn(f"{source}: fields not supported by lightning-peft were ignored: {ignored}. "
+                          f"The adapter may behave differently than where it was trained.", stacklevel=3)
+        return cls(**kwargs)
+
+
+def _check_positive_int(value, field_name: str, hint: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{field_name}={value!r}: must be a positive int{hint}.")
+
+
+def _check_choice(value, field_name: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{field_name}={value!r}: choose one of {list(choices)}.")
+
+
 @dataclass
-class LoraConfig:
+class LoraConfig(AdapterConfig):
     """LoRA (and rsLoRA, DoRA, PiSSA init) hyper-parameters.
 
     The update of a wrapped weight ``W`` (``[out, in]``) is ``s * B @ A`` with ``A: [r, in]``,
@@ -146,25 +203,266 @@ class LoraConfig:
                 out[name] = getattr(self, name)
         return out
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "adapter config") -> "LoraConfig":
-        """Build from an ``adapter_config.json`` dict (ours or PEFT's).
 
-        Fields this class does not have are ignored: silently when they hold PEFT metadata or an
-        empty/default value, with a warning naming them otherwise.
-        """
-        peft_type = data.get("peft_type", cls.peft_type)
-        if peft_type != cls.peft_type:
-            raise ValueError(f"{source}: peft_type={peft_type!r}, expected {cls.peft_type!r}.")
-        known = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in data.items() if k in known}
-        ignored = {k: v for k, v in data.items()
-                   if k not in known and k not in _PEFT_METADATA
-                   and v not in (None, False, {}, [], "") and v != _PEFT_OFF_VALUES.get(k)}
-        if ignored:
-            warnings.warn(f"{source}: fields not supported by lightning-peft were ignored: {ignored}. "
-                          f"The adapter may behave differently than where it was trained.", stacklevel=3)
-        return cls(**kwargs)
+@dataclass
+class IA3Config(AdapterConfig):
+    r"""(IA)^3: a learned vector rescales each channel of the targeted layers, initialised to ones.
+
+        attention-style target (output scaling):  y = l * (W x + b),     l: [out]
+        feed-forward target (input scaling):      y = W (l * x) + b,     l: [in]
+
+    as in HF PEFT (``ia3_l`` of shape ``[out, 1]`` / ``[1, in]`` in the file). At init the model is
+    the base model exactly; merging multiplies ``l`` into the weight (and bias).
+
+    Args:
+        target_modules: names, dotted suffixes or a regex (as in :class:`LoraConfig`), or
+            ``"all-linear"``. The default is the IA3 paper's choice for Llama-style models: keys,
+            values and the FFN's down projection.
+        feedforward_modules: the subset of ``target_modules`` scaled on the input side (the FFN's
+            second layer in the paper); names in it must appear in ``target_modules``.
+        exclude_modules: matches are never adapted.
+        fan_in_fan_out: the base stores ``[in, out]``; set automatically for ``Conv1D`` layers.
+    """
+
+    target_modules: TargetModules = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
+    feedforward_modules: TargetModules = field(default_factory=lambda: ["down_proj"])
+    exclude_modules: TargetModules = None
+    fan_in_fan_out: bool = False
+
+    peft_type = "IA3"
+    peft_off_values = {"init_ia3_weights": True}
+
+    def __post_init__(self) -> None:
+        if self.target_modules is None:
+            raise ValueError('target_modules=None: name the layers to scale, e.g. ["k_proj", "v_proj", "down_proj"].')
+        self.target_modules = _check_names(self.target_modules, "target_modules")
+        self.feedforward_modules = _check_names(self.feedforward_modules or None, "feedforward_modules")
+        self.exclude_modules = _check_names(self.exclude_modules, "exclude_modules")
+        if isinstance(self.target_modules, list) and isinstance(self.feedforward_modules, list):
+            stray = [n for n in self.feedforward_modules if n not in self.target_modules]
+            if stray:
+                raise ValueError(f"feedforward_modules {stray} are not in target_modules {self.target_modules}: "
+                                 f"feed-forward modules are a subset of the targets; add them there too.")
+        if not isinstance(self.fan_in_fan_out, bool):
+            raise ValueError(f"fan_in_fan_out={self.fan_in_fan_out!r}: must be True or False.")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"peft_type": self.peft_type, "task_type": None, "target_modules": self.target_modules,
+               "feedforward_modules": self.feedforward_modules, "fan_in_fan_out": self.fan_in_fan_out,
+               "init_ia3_weights": True, "modules_to_save": None}
+        if self.exclude_modules:
+            out["exclude_modules"] = self.exclude_modules
+        return out
+
+
+@dataclass
+class BitFitConfig(AdapterConfig):
+    r"""BitFit: only bias terms train. ``y = f(x) + d`` for each targeted module ``f`` with a
+    learned shift ``d: [out]`` initialised to zero, i.e. its bias becomes ``b + d``; a layer
+    without a bias (Llama's projections) gets one this way. The base tensors are not touched;
+    merging adds ``d`` to the bias (creating it where there was none).
+
+    Args:
+        target_modules: ``"all"``: every ``nn.Linear`` / ``Conv1D`` but the output head, plus every
+            other module with a 1-d ``bias`` (LayerNorm); or names, dotted suffixes, a regex.
+        exclude_modules: matches are never adapted.
+
+    Files use our own keys (no PEFT equivalent): ``peft_type: "BITFIT"`` and
+    ``base_model.model.<module path>.bitfit_bias`` (the shift ``d``, ``[out]``).
+    """
+
+    target_modules: TargetModules = "all"
+    exclude_modules: TargetModules = None
+
+    peft_type = "BITFIT"
+
+    def __post_init__(self) -> None:
+        if self.target_modules is None:
+            raise ValueError('target_modules=None: use "all" or name the modules whose bias should train.')
+        self.target_modules = _check_names(self.target_modules, "target_modules")
+        self.exclude_modules = _check_names(self.exclude_modules, "exclude_modules")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"peft_type": self.peft_type, "task_type": None, "target_modules": self.target_modules}
+        if self.exclude_modules:
+            out["exclude_modules"] = self.exclude_modules
+        return out
+
+
+PROMPT_INITS = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB"}  # ours -> PEFT's prompt_tuning_init
+
+
+@dataclass
+class PromptTuningConfig(AdapterConfig):
+    r"""Prompt tuning: ``num_virtual_tokens`` learned input embeddings ``P: [T, dim]`` prepended to
+    every sequence, ``inputs_embeds <- [P; E(input_ids)]``; the attention mask gets ``T`` ones in
+    front and the labels ``T`` ignored positions (-100). As in HF PEFT, a causal LM's logits then
+    include the ``T`` virtual positions: ``logits[:, T:]`` are the real tokens'.
+
+    Args:
+        num_virtual_tokens: ``T``.
+        init: ``"random"`` (N(0, 1), PEFT's RANDOM), ``"vocab"`` (embeddings of random vocabulary
+            tokens, PEFT's SAMPLE_VOCAB) or any other string: a text whose token embeddings,
+            repeated or cut to ``T``, start the prompt (needs ``tokenizer``).
+        tokenizer: for a text ``init``: a tokenizer with ``encode(text) -> ids`` (not saved; its
+            ``name_or_path`` is written as PEFT's ``tokenizer_name_or_path``).
+        token_dim: embedding width; filled in from the model at injection.
+        task_type: PEFT's task type, written to the file (PEFT's prompt-learning forward needs it).
+    """
+
+    num_virtual_tokens: int = 20
+    init: str = "random"
+    tokenizer: Any = field(default=None, repr=False, compare=False)
+    token_dim: Union[int, None] = None
+    task_type: str = "CAUSAL_LM"
+
+    peft_type = "PROMPT_TUNING"
+    peft_off_values = {"num_transformer_submodules": 1}
+
+    def __post_init__(self) -> None:
+        _check_positive_int(self.num_virtual_tokens, "num_virtual_tokens", " (8-100 virtual tokens are typical)")
+        if not isinstance(self.init, str) or not self.init:
+            raise ValueError(f'init={self.init!r}: use "random", "vocab" or a non-empty text (with tokenizer=...).')
+
+    def to_dict(self) -> dict[str, Any]:
+        text = self.init if self.init not in PROMPT_INITS else None
+        name = getattr(self.tokenizer, "name_or_path", None) or None
+        # PEFT refuses TEXT without a tokenizer name; the init does not matter once weights exist
+        init = PROMPT_INITS.get(self.init, "TEXT" if name else "RANDOM")
+        return {"peft_type": self.peft_type, "task_type": self.task_type,
+                "num_virtual_tokens": self.num_virtual_tokens, "token_dim": self.token_dim,
+                "num_transformer_submodules": 1, "prompt_tuning_init": init,
+                "prompt_tuning_init_text": text if init == "TEXT" else None,
+                "tokenizer_name_or_path": name if init == "TEXT" else None}
+
+    @classmethod
+    def _from_peft(cls, data: dict[str, Any]) -> dict[str, Any]:
+        peft_init = data.pop("prompt_tuning_init", "RANDOM")
+        text = data.pop("prompt_tuning_init_text", None)
+        data.pop("tokenizer_name_or_path", None)
+        if "init" not in data:
+            ours = {v: k for k, v in PROMPT_INITS.items()}
+            data["init"] = text if peft_init == "TEXT" and text else ours.get(peft_init, "random")
+        for key in ("num_layers", "num_attention_heads"):  # model facts PEFT records; unused here
+            data.pop(key, None)
+        return data
+
+
+@dataclass
+class PrefixTuningConfig(AdapterConfig):
+    r"""Prefix tuning: ``num_virtual_tokens`` learned key/value vectors per layer, seen by every
+    attention layer as a cache of ``T`` earlier positions (through the model's past key values).
+
+        P: [T, num_layers * 2 * token_dim]    layer l: keys P[:, 2l], values P[:, 2l+1],
+                                              each viewed as [heads, T, token_dim / heads]
+
+    With ``projection`` the prefix is reparameterised while training,
+    ``P = MLP(E)``, ``E: [T, token_dim]``, ``MLP = Linear(token_dim, encoder_hidden_size) -> tanh ->
+    Linear(.., num_layers * 2 * token_dim)``; only ``P`` is saved (the MLP is dropped, as in PEFT),
+    and a loaded adapter holds ``P`` directly.
+
+    Args:
+        num_virtual_tokens: ``T``.
+        projection: reparameterise through the MLP (PEFT's ``prefix_projection``).
+        encoder_hidden_size: the MLP's width (default ``token_dim``).
+        token_dim, num_layers, num_attention_heads: filled in from the model at injection; with
+            grouped-query attention ``token_dim = head_dim * num_key_value_heads`` and the heads are
+            the key/value heads (PEFT's rule).
+        task_type: PEFT's task type, written to the file.
+    """
+
+    num_virtual_tokens: int = 20
+    projection: bool = False
+    encoder_hidden_size: Union[int, None] = None
+    token_dim: Union[int, None] = None
+    num_layers: Union[int, None] = None
+    num_attention_heads: Union[int, None] = None
+    task_type: str = "CAUSAL_LM"
+
+    peft_type = "PREFIX_TUNING"
+    peft_names = {"projection": "prefix_projection"}
+    peft_off_values = {"num_transformer_submodules": 1}
+
+    def __post_init__(self) -> None:
+        _check_positive_int(self.num_virtual_tokens, "num_virtual_tokens", " (10-30 virtual tokens are typical)")
+        if not isinstance(self.projection, bool):
+            raise ValueError(f"projection={self.projection!r}: must be True or False.")
+        for name in ("encoder_hidden_size", "token_dim", "num_layers", "num_attention_heads"):
+            if getattr(self, name) is not None:
+                _check_positive_int(getattr(self, name), name, " or None (filled in from the model)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"peft_type": self.peft_type, "task_type": self.task_type,
+                "num_virtual_tokens": self.num_virtual_tokens, "prefix_projection": self.projection,
+                "encoder_hidden_size": self.encoder_hidden_size, "token_dim": self.token_dim,
+                "num_layers": self.num_layers, "num_attention_heads": self.num_attention_heads,
+                "num_transformer_submodules": 1}
+
+
+ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
+PLACEMENTS = ("after_ffn", "after_attn_and_ffn")
+
+
+@dataclass
+class BottleneckConfig(AdapterConfig):
+    r"""Serial bottleneck adapters (Houlsby / Pfeiffer): after each targeted sub-layer ``f``,
+
+        h = f(x);   h <- h + U act(D h + c) + e,     D: [d / reduction_factor, d],  U: [d, d / rf]
+
+    with ``U`` and ``e`` zero-initialised, so training starts at the base model. ``"after_ffn"``
+    (Pfeiffer) adapts the feed-forward blocks; ``"after_attn_and_ffn"`` (Houlsby) the attention
+    blocks too. The sub-layer's output (the first element of a tuple) is adapted before the
+    residual addition of the surrounding block. Not mergeable (the activation is nonlinear).
+
+    Args:
+        reduction_factor: ``d / bottleneck width`` (at least one unit).
+        placement: ``"after_ffn"`` or ``"after_attn_and_ffn"``.
+        activation: ``"relu"``, ``"gelu"``, ``"silu"`` or ``"tanh"``.
+        ffn_modules / attn_modules: names or dotted suffixes (or a regex) of the feed-forward and
+            attention blocks; the defaults fit Llama-style (``mlp``, ``self_attn``) and GPT-2
+            (``mlp``, ``attn``) models. At least one module must match each list in use.
+
+    Files use our own keys (no PEFT equivalent): ``peft_type: "BOTTLENECK"`` and, under
+    ``base_model.model.<block path>.``, ``adapter_down.weight`` / ``.bias`` and
+    ``adapter_up.weight`` / ``.bias``.
+    """
+
+    reduction_factor: int = 16
+    placement: str = "after_ffn"
+    activation: str = "relu"
+    ffn_modules: TargetModules = field(default_factory=lambda: ["mlp"])
+    attn_modules: TargetModules = field(default_factory=lambda: ["self_attn", "attn"])
+
+    peft_type = "BOTTLENECK"
+
+    def __post_init__(self) -> None:
+        _check_positive_int(self.reduction_factor, "reduction_factor", " (16 is the usual choice)")
+        _check_choice(self.placement, "placement", PLACEMENTS)
+        _check_choice(self.activation, "activation", ACTIVATIONS)
+        self.ffn_modules = _check_names(self.ffn_modules, "ffn_modules")
+        self.attn_modules = _check_names(self.attn_modules, "attn_modules")
+        if self.ffn_modules is None:
+            raise ValueError('ffn_modules=None: name the feed-forward blocks, e.g. ["mlp"].')
+        if self.placement == "after_attn_and_ffn" and self.attn_modules is None:
+            raise ValueError('placement="after_attn_and_ffn" needs attn_modules, e.g. ["self_attn"].')
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"peft_type": self.peft_type, "task_type": None, "reduction_factor": self.reduction_factor,
+                "placement": self.placement, "activation": self.activation, "ffn_modules": self.ffn_modules,
+                "attn_modules": self.attn_modules if self.placement == "after_attn_and_ffn" else None}
+
+
+CONFIG_TYPES = {cls.peft_type: cls for cls in (LoraConfig, IA3Config, BitFitConfig, PromptTuningConfig,
+                                                PrefixTuningConfig, BottleneckConfig)}
+
+
+def config_from_dict(data: dict[str, Any], source: str = "adapter config") -> AdapterConfig:
+    """The config an ``adapter_config.json`` dict describes, by its ``peft_type`` (LoRA if absent)."""
+    peft_type = data.get("peft_type", LoraConfig.peft_type)
+    if peft_type not in CONFIG_TYPES:
+        raise ValueError(f"{source}: peft_type={peft_type!r} is not supported by lightning-peft; it reads "
+                         f"{sorted(CONFIG_TYPES)}. Train the adapter with one of those methods.")
+    return CONFIG_TYPES[peft_type].from_dict(data, source)
 
 
 QUANT_TYPES = ("nf4", "fp4", "int8")

@@ -1,8 +1,12 @@
 """Put adapters into a model in place, pick the active one, switch them off, freeze the rest.
 
 Works on any ``torch.nn.Module`` (no Trainer needed). Targeted layers are replaced by an
-adapter module that wraps them (``q_proj`` becomes ``LoraLayer(base_layer=q_proj)``), so module
-paths and state-dict keys match HF PEFT's in-memory layout. The configs of the injected adapters
+adapter module that wraps them (``q_proj`` becomes ``LoraLayer(base_layer=q_proj)``, likewise
+``IA3Layer``, ``BitFitLayer``, ``BottleneckLayer``), so module paths and state-dict keys match HF
+PEFT's in-memory layout. Prompt and prefix tuning wrap nothing: one ``PromptLearning`` module hangs
+off the model and a forward pre-hook adds the virtual tokens. The method follows from the
+config's type (``LoraConfig``, ``IA3Config``, ``BitFitConfig``, ``PromptTuningConfig``,
+``PrefixTuningConfig``, ``BottleneckConfig``). The configs of the injected adapters
 are kept on the module they were injected into as ``lp_adapter_configs`` (``{adapter name:
 config}``); functions given an outer module (a LightningModule holding a transformers model) find
 them there.
@@ -18,16 +22,18 @@ from typing import Iterator
 
 from torch import nn
 
-from .config import LoraConfig
-from .methods import AdapterModule, LoraLayer, ModulesToSave
+from .config import AdapterConfig, BitFitConfig, BottleneckConfig, IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig
+from .methods import AdapterModule, BitFitLayer, BottleneckLayer, IA3Layer, LoraLayer, ModulesToSave
+from .methods.bitfit import bias_size
 from .methods.lora import base_kind
+from .methods.prompt import inject_prompt_learning
 from .modules import find_attribute, output_heads, replace_module
 
 CONFIGS_ATTR = "lp_adapter_configs"
 
 
 # ---------------------------------------------------------------------------- model inspection
-def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
+def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
     """``{adapter name: config}`` of the adapters injected into ``model`` or a submodule of it
     (empty if none). Target paths in the configs are relative to :func:`adapter_owner`."""
     return find_attribute(model, CONFIGS_ATTR)[1] or {}
@@ -73,7 +79,8 @@ def _pattern_value(pattern: dict, path: str, default):
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
-    return module.base_layer if isinstance(module, LoraLayer) else module
+    """The user's layer inside a layer-wrapping adapter module (``modules_to_save`` copies excepted)."""
+    return module.base_layer if isinstance(module, (LoraLayer, IA3Layer, BitFitLayer, BottleneckLayer)) else module
 
 
 def _closest(name: str, paths: list[str]) -> list[str]:
@@ -82,14 +89,15 @@ def _closest(name: str, paths: list[str]) -> list[str]:
         name, paths, n=5, cutoff=0.4)
 
 
-def _find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+def _select(model: nn.Module, names, exclude=None, saved=None, each: bool = True) -> list[tuple[str, nn.Module]]:
+    """The user modules ``names`` selects (``"all-linear"``, a regex, or names / dotted suffixes),
+    minus ``exclude`` and ``saved`` (``modules_to_save``). ``each``: every listed name must match
+    something (else: one of them must); the error lists the closest module names."""
     modules = list(_user_modules(model))
     paths = [p for p, _ in modules]
-    saved = config.modules_to_save or []
     candidates = [(p, m) for p, m in modules
-                  if not (config.exclude_modules and _matches(config.exclude_modules, p))
-                  and not (saved and _matches(saved, p))]
-    if config.target_modules == "all-linear":
+                  if not (exclude and _matches(exclude, p)) and not (saved and _matches(saved, p))]
+    if names == "all-linear":
         heads = output_heads(model)
         targets = [(p, m) for p, m in candidates
                    if base_kind(_unwrap(m)) in ("linear", "conv1d") and id(_unwrap(m)) not in heads
@@ -98,14 +106,19 @@ def _find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mo
             raise ValueError(f'target_modules="all-linear" found no nn.Linear / Conv1D layer in '
                              f"{type(model).__name__}; name the layers to adapt instead.")
         return targets
-    targets = [(p, m) for p, m in candidates if _matches(config.target_modules, p)]
-    wanted = [config.target_modules] if isinstance(config.target_modules, str) else [[n] for n in config.target_modules]
-    for names in wanted:
-        if not any(_matches(names, p) for p, _ in targets):
-            name = names if isinstance(names, str) else names[0]
-            raise ValueError(f"target module {name!r} matches no module of {type(model).__name__}. "
-                             f"Closest module names: {_closest(name, paths)}. Fix target_modules "
-                             f'(names, dotted suffixes, a regex, or "all-linear").')
+    targets = [(p, m) for p, m in candidates if _matches(names, p)]
+    wanted = [names] if isinstance(names, str) else [[n] for n in names]
+    missing = [w for w in wanted if not any(_matches(w, p) for p, _ in targets)]
+    if missing and (each or len(missing) == len(wanted)):
+        name = missing[0] if isinstance(missing[0], str) else missing[0][0]
+        raise ValueError(f"target module {name!r} matches no module of {type(model).__name__}. "
+                         f"Closest module names: {_closest(name, paths)}. Fix the module names "
+                         f'(names, dotted suffixes, a regex, or "all-linear").')
+    return targets
+
+
+def _find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+    targets = _select(model, config.target_modules, config.exclude_modules, config.modules_to_save)
     unsupported = [(p, type(m).__name__) for p, m in targets if base_kind(_unwrap(m)) is None]
     if unsupported:
         raise ValueError(f"target_modules selects modules LoRA cannot wrap: {unsupported[:5]}. LoRA wraps "
@@ -114,15 +127,22 @@ def _find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mo
 
 
 # ----------------------------------------------------------------------------------- injection
-def inject_adapters(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
+def inject_adapters(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> nn.Module:
     """Add adapter ``adapter_name`` to ``model`` in place, make it active, and freeze everything
-    else (see :func:`set_adapter`). Returns ``model`` itself.
+    else (see :func:`set_adapter`). The method follows from the config's type. Returns ``model``.
 
     Raises ``ValueError`` (before changing anything) for a name already in use, a target that
-    matches nothing (listing the closest module names) or a module type LoRA cannot wrap.
+    matches nothing (listing the closest module names) or a module type the method cannot wrap.
     """
-    if not isinstance(config, LoraConfig):
-        raise TypeError(f"inject_adapters expects a LoraConfig, got {type(config).__name__}.")
+    return _inject(model, config, adapter_name)
+
+
+def _inject(model: nn.Module, config: AdapterConfig, adapter_name: str, loading: bool = False) -> nn.Module:
+    """:func:`inject_adapters`; ``loading``: weights are copied in next (load_adapter), so
+    methods skip starting values that would be overwritten (prompt text, prefix MLP)."""
+    if type(config) not in _INJECTORS:
+        raise TypeError(f"inject_adapters expects an adapter config ({', '.join(c.__name__ for c in _INJECTORS)}), "
+                        f"got {type(config).__name__}.")
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(f"adapter_name={adapter_name!r}: use a non-empty name without dots.")
     configs = adapter_configs(model)
@@ -135,6 +155,14 @@ def inject_adapters(model: nn.Module, config: LoraConfig, adapter_name: str = "d
         raise ValueError(f"model already has an adapter named {adapter_name!r} (has {list(configs)}); "
                          f"pick another adapter_name.")
     _refuse_if_merged(model, "inject another adapter")
+    resolved = _INJECTORS[type(config)](model, config, adapter_name, loading)
+    # a plain dict attribute (not a submodule): travels with the model, ignored by state_dict
+    object.__setattr__(model, CONFIGS_ATTR, {**configs, adapter_name: resolved})
+    set_adapter(model, adapter_name)
+    return model
+
+
+def _inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str, loading: bool) -> LoraConfig:
     targets = _find_targets(model, config)
     saved = [(p, m) for p, m in _user_modules(model)
              if config.modules_to_save and _matches(config.modules_to_save, p)]
@@ -157,14 +185,76 @@ def inject_adapters(model: nn.Module, config: LoraConfig, adapter_name: str = "d
         wrapper.train(module.training)
         if wrapper is not module:
             replace_module(model, path, wrapper)
+    return dataclasses.replace(config, target_modules=sorted(p for p, _ in targets),
+                               fan_in_fan_out=config.fan_in_fan_out or any(
+                                   base_kind(_unwrap(m)) == "conv1d" for _, m in targets))
 
-    resolved = dataclasses.replace(config, target_modules=sorted(p for p, _ in targets),
-                                   fan_in_fan_out=config.fan_in_fan_out or any(
-                                       base_kind(_unwrap(m)) == "conv1d" for _, m in targets))
-    # a plain dict attribute (not a submodule): travels with the model, ignored by state_dict
-    object.__setattr__(model, CONFIGS_ATTR, {**configs, adapter_name: resolved})
-    set_adapter(model, adapter_name)
-    return model
+
+def _wrap_all(model: nn.Module, targets, cls: type, method: str, add, make=None) -> None:
+    """Wrap each ``(path, module)`` in ``cls`` (reusing a wrapper of the same class) and call
+    ``add(layer, path)``; everything is checked before anything changes."""
+    taken = [(p, m.method) for p, m in targets if isinstance(m, AdapterModule) and not isinstance(m, cls)]
+    if taken:
+        raise ValueError(f"{method} cannot go on modules that already carry another method's adapter: {taken[:5]}. "
+                         f"Use one method per module (exclude_modules=[...] or other target names).")
+    layers = [(path, module, (make or cls)(module) if not isinstance(module, cls) else module) for path, module in targets]
+    for path, module, layer in layers:
+        add(layer, path)
+        layer.train(module.training)
+        if layer is not module:
+            replace_module(model, path, layer)
+
+
+def _inject_ia3(model: nn.Module, config: IA3Config, adapter_name: str, loading: bool) -> IA3Config:
+    targets = _select(model, config.target_modules, config.exclude_modules)
+    unsupported = [(p, type(_unwrap(m)).__name__) for p, m in targets
+                   if base_kind(_unwrap(m)) not in ("linear", "conv1d")]
+    if unsupported:
+        raise ValueError(f"target_modules selects modules (IA)^3 cannot scale: {unsupported[:5]}. It scales "
+                         f"nn.Linear and transformers Conv1D layers; narrow target_modules.")
+    ff = config.feedforward_modules
+    feedforward = {p for p, _ in targets if ff and _matches(ff, p)}
+    fan_in_fan_out = config.fan_in_fan_out
+    _wrap_all(model, targets, IA3Layer, "(IA)^3", lambda layer, path: layer.add_adapter(adapter_name, path in feedforward),
+              make=lambda m: IA3Layer(m, fan_in_fan_out=fan_in_fan_out and isinstance(m, nn.Linear)))
+    return dataclasses.replace(config, target_modules=sorted(p for p, _ in targets),
+                               feedforward_modules=sorted(feedforward) or None,
+                               fan_in_fan_out=fan_in_fan_out or any(base_kind(_unwrap(m)) == "conv1d" for _, m in targets))
+
+
+def _inject_bitfit(model: nn.Module, config: BitFitConfig, adapter_name: str, loading: bool) -> BitFitConfig:
+    if config.target_modules == "all":
+        heads = output_heads(model)
+        targets = [(p, m) for p, m in _user_modules(model)
+                   if not (config.exclude_modules and _matches(config.exclude_modules, p))
+                   and id(_unwrap(m)) not in heads and p.rsplit(".", 1)[-1] != "lm_head"
+                   and (base_kind(_unwrap(m)) in ("linear", "conv1d")
+                        or isinstance(getattr(_unwrap(m), "bias", None), nn.Parameter) and bias_size(_unwrap(m)))]
+        if not targets:
+            raise ValueError(f'BitFitConfig(target_modules="all") found no linear layer or biased module in '
+                             f"{type(model).__name__}; name the modules instead.")
+    else:
+        targets = _select(model, config.target_modules, config.exclude_modules)
+        unsupported = [(p, type(m).__name__) for p, m in targets if bias_size(_unwrap(m)) is None]
+        if unsupported:
+            raise ValueError(f"BitFit cannot give these modules a bias: {unsupported[:5]}. It handles nn.Linear, "
+                             f"Conv1D and modules with a 1-d bias (LayerNorm); narrow target_modules.")
+    _wrap_all(model, targets, BitFitLayer, "BitFit", lambda layer, path: layer.add_adapter(adapter_name))
+    return dataclasses.replace(config, target_modules=sorted(p for p, _ in targets))
+
+
+def _inject_bottleneck(model: nn.Module, config: BottleneckConfig, adapter_name: str, loading: bool) -> BottleneckConfig:
+    ffn = _select(model, config.ffn_modules, each=False)
+    attn = _select(model, config.attn_modules, each=False) if config.placement == "after_attn_and_ffn" else []
+    _wrap_all(model, ffn + attn, BottleneckLayer, "a bottleneck adapter",
+              lambda layer, path: layer.add_adapter(adapter_name, config.reduction_factor, config.activation))
+    return dataclasses.replace(config, ffn_modules=sorted(p for p, _ in ffn),
+                               attn_modules=sorted(p for p, _ in attn) or config.attn_modules)
+
+
+_INJECTORS = {LoraConfig: _inject_lora, IA3Config: _inject_ia3, BitFitConfig: _inject_bitfit,
+              BottleneckConfig: _inject_bottleneck, PromptTuningConfig: inject_prompt_learning,
+              PrefixTuningConfig: inject_prompt_learning}
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
@@ -181,7 +271,12 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
         if adapter_name in module.adapter_names():
             module.remove_adapter(adapter_name)
         if not module.adapter_names():
-            replace_module(model, path, getattr(module, module.wrapped_attr))
+            replacement = module.unwrapped()
+            if replacement is None:  # a model-level module (prompt tuning): just remove it
+                parent, _, child = path.rpartition(".")
+                delattr(model.get_submodule(parent) if parent else model, child)
+            else:
+                replace_module(model, path, replacement)
     remaining = {k: v for k, v in configs.items() if k != adapter_name}
     object.__setattr__(owner, CONFIGS_ATTR, remaining)
     if remaining:
@@ -202,12 +297,13 @@ def adapter_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Para
     its adapter tensors, its ``modules_to_save`` copies and the biases its ``bias`` setting frees."""
     config = adapter_configs(model)[adapter_name]
     owned = {id(t) for _, m in adapter_modules(model) if adapter_name in m.adapter_names()
-             for t in m.adapter_state(adapter_name).values()}
+             for t in m.trainable_tensors(adapter_name)}
+    bias = getattr(config, "bias", "none")
     params = {}
     for name, param in model.named_parameters():
         is_bias = name.endswith("bias") and ".lora_" not in name and ".modules_to_save." not in name
         lora_bias = is_bias and name.endswith(".base_layer.bias")
-        if id(param) in owned or (config.bias == "all" and is_bias) or (config.bias == "lora_only" and lora_bias):
+        if id(param) in owned or (bias == "all" and is_bias) or (bias == "lora_only" and lora_bias):
             params[name] = param
     return params
 

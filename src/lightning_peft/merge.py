@@ -3,6 +3,10 @@ r"""Fold adapters into the base weights, take them out again, or export a merged
     LoRA   merge:  W <- W + s B A                 unmerge: W <- W - s B A
     DoRA   merge:  W <- m / n * (W + s B A),  n = ||W + s B A||_row (kept for unmerge)
            unmerge: W <- W * n / m - s B A
+    (IA)^3 merge:  W <- diag(l) W, b <- l * b  (output)  or  W <- W diag(l)  (input);  unmerge divides
+    BitFit merge:  b <- b + d (a layer without a bias gets d)                           unmerge subtracts
+
+Bottleneck adapters (nonlinear) and prompt / prefix tuning (virtual tokens) cannot be merged.
 
 Arithmetic runs in fp32 (or the base's wider dtype) and is cast back once. A merged adapter is
 skipped in ``forward`` (its effect is in the weight), so the merged model computes the same
@@ -26,7 +30,7 @@ from torch import nn
 
 from .atomic import atomic_write
 from .inject import adapter_configs, adapter_modules, adapter_owner
-from .methods import LoraLayer, ModulesToSave
+from .methods import BitFitLayer, BottleneckLayer, IA3Layer, LoraLayer, ModulesToSave, PromptLearning
 from .quantize import dequantize_weight, is_quantized, quant_config, requantize_
 
 WEIGHTS_NAME = "model.safetensors"
@@ -39,8 +43,8 @@ def _lora_layers(model: nn.Module) -> list[LoraLayer]:
 
 def _resolve(model: nn.Module, adapter_name: str | None) -> str:
     configs = adapter_configs(model)
-    layers = _lora_layers(model)
-    name = adapter_name if adapter_name is not None else (layers[0].active_adapter if layers else None)
+    modules = [m for _, m in adapter_modules(model)]
+    name = adapter_name if adapter_name is not None else (modules[0].active_adapter if modules else None)
     if name not in configs:
         raise ValueError(f"no adapter {name!r} to merge; this model has {list(configs)}.")
     return name
@@ -116,9 +120,18 @@ def merge_adapters(model: nn.Module, adapter_name: str | None = None, allow_loss
     Quantized bases are refused before anything changes unless ``allow_lossy=True``, which
     re-quantizes the merged weights and warns with the measured fraction of the update lost."""
     name = _resolve(model, adapter_name)
+    _refuse_unmergeable(model, name)
     layers = [m for m in _lora_layers(model) if name in m.scaling and name not in m.merged]
+    others = [m for _, m in adapter_modules(model)
+              if isinstance(m, (IA3Layer, BitFitLayer)) and name in m.adapter_names() and name not in m.merged]
     if not allow_lossy and any(m.quantized for m in layers):
         raise RuntimeError(_LOSSY_MESSAGE)
+    if any(isinstance(m, IA3Layer) and m.quantized for m in others):
+        raise RuntimeError(f"adapter {name!r} is (IA)^3 over a quantized base: scaling a 4-bit weight in place "
+                           f"re-quantizes it and loses the update. Use lightning_peft.export_merged(model, directory) "
+                           f"to write a merged float model.")
+    for module in others:  # exact for float bases; BitFit also over a quantized one (the bias is float)
+        module.merge(name)
     losses = [merge_layer(layer, name, allow_lossy) for layer in layers]
     losses = [x for x in losses if x is not None]
     if losses:
@@ -133,7 +146,20 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
     for layer in _lora_layers(model):
         for name in reversed(list(layer.merged)):
             unmerge_layer(layer, name)
+    for _, module in adapter_modules(model):
+        if isinstance(module, (IA3Layer, BitFitLayer)):
+            for name in reversed(list(module.merged)):
+                module.unmerge(name)
     return model
+
+
+def _refuse_unmergeable(model: nn.Module, name: str) -> None:
+    methods = sorted({m.method_name(name) for _, m in adapter_modules(model)
+                      if isinstance(m, (BottleneckLayer, PromptLearning)) and name in m.adapter_names()})
+    if methods:
+        raise ValueError(f"adapter {name!r} is a {methods[0]} adapter, which cannot be folded into the base weights "
+                         f"(bottleneck adapters are nonlinear; prompt and prefix tuning add virtual tokens). Keep "
+                         f"the adapter at inference: save_adapter / load_adapter.")
 
 
 # ----------------------------------------------------------------------------------- export
@@ -145,6 +171,8 @@ def merged_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict
     the adapters were injected into (the transformers model inside a LightningModule)."""
     model = adapter_owner(model) or model
     name = _resolve(model, adapter_name) if adapter_configs(model) else None
+    if name is not None:
+        _refuse_unmergeable(model, name)
     state: dict[str, torch.Tensor] = {}
 
     def visit(module: nn.Module, prefix: str) -> None:
@@ -158,6 +186,22 @@ def merged_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict
             state[prefix + "weight"] = weight.t() if module.transposed else weight
             if getattr(module.base_layer, "bias", None) is not None:
                 state[prefix + "bias"] = module.base_layer.bias
+            return None
+        if isinstance(module, IA3Layer):
+            if name in module.ia3_l and name not in module.merged:
+                weight, bias = module.merged_base(name)
+            else:
+                weight, bias = module.base_weight(), getattr(module.base_layer, "bias", None)
+            state[prefix + "weight"] = weight.t() if module.transposed else weight
+            if bias is not None:
+                state[prefix + "bias"] = bias
+            return None
+        if isinstance(module, PromptLearning):  # holds only other adapters (checked above)
+            return None
+        if isinstance(module, (BitFitLayer, BottleneckLayer)):
+            visit(module.base_layer, prefix)
+            if isinstance(module, BitFitLayer) and name in module.bitfit_bias and name not in module.merged:
+                state[prefix + "bias"] = module.merged_bias(name)
             return None
         if is_quantized(module):
             state[prefix + "weight"] = dequantize_weight(module)

@@ -18,7 +18,8 @@ class AdapterReport:
 
     ``total_params`` counts every parameter once (adapters included); ``per_adapter`` maps each
     adapter name to its parameter count and ``per_method`` splits the counts by method
-    (``"lora"``, ``"dora_magnitude"``, ``"modules_to_save"``, ``"bias"``) over all adapters.
+    (``"lora"``, ``"dora_magnitude"``, ``"ia3"``, ``"bitfit"``, ``"bottleneck"``, ``"prompt"``,
+    ``"prefix"``, ``"modules_to_save"``, ``"bias"``) over all adapters.
     """
 
     total_params: int
@@ -61,7 +62,7 @@ def adapter_report(model: nn.Module, show: bool = True, console: Console | None 
         for _, module in adapter_modules(model):
             if name in module.adapter_names():
                 for key, tensor in module.adapter_state(name).items():
-                    method = "dora_magnitude" if key == "lora_magnitude_vector" else module.method
+                    method = "dora_magnitude" if key == "lora_magnitude_vector" else module.method_name(name)
                     per_method[method] = per_method.get(method, 0) + tensor.numel()
                     in_modules += tensor.numel()
         if per_adapter[name] > in_modules:  # the rest: biases freed by the config's ``bias``

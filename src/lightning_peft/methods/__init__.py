@@ -1,7 +1,13 @@
-"""Adapter methods: each wraps a module of the user's model (composition, never subclassing)."""
+"""Adapter methods: each wraps a module of the user's model (composition, never subclassing),
+except prompt and prefix tuning, which hang one module off the model itself."""
 
 from .base import AdapterModule
+from .bitfit import BitFitLayer
+from .bottleneck import BottleneckLayer
+from .ia3 import IA3Layer
 from .lora import LoraLayer
 from .modules_to_save import ModulesToSave
+from .prompt import PromptLearning
 
-__all__ = ["AdapterModule", "LoraLayer", "ModulesToSave"]
+__all__ = ["AdapterModule", "BitFitLayer", "BottleneckLayer", "IA3Layer", "LoraLayer", "ModulesToSave",
+           "PromptLearning"]

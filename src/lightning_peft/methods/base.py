@@ -5,6 +5,10 @@ An adapter module wraps one module of the user's model and holds zero or more *n
 function, e.g. the DPO reference). ``adapter_state(name)`` lists that adapter's tensors under the
 local key names of the HF PEFT file format; saving, loading, freezing and reporting all go
 through it, so a new method only has to describe its tensors once.
+
+Most adapter modules wrap one layer (``wrapped_attr`` names it). Prompt and prefix tuning are
+*model-level*: one module hangs off the model itself and wraps nothing (``wrapped_attr = None``);
+its file keys are not prefixed by a module path (``model_level = True``).
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ class AdapterModule(nn.Module, abc.ABC):
     """Base of the modules that :func:`lightning_peft.inject_adapters` puts into a model."""
 
     method = "adapter"  # short name used by adapter_report
-    wrapped_attr = "base_layer"  # the user's module this one wraps
+    wrapped_attr: str | None = "base_layer"  # the user's module this one wraps (None: wraps none)
+    model_level = False  # True: file keys are global (``prompt_embeddings``), not under this module's path
 
     def __getattr__(self, attr: str):
         # Model code reads attributes of the layer it built (``q_proj.weight.dtype``,
@@ -27,7 +32,7 @@ class AdapterModule(nn.Module, abc.ABC):
         try:
             return super().__getattr__(attr)
         except AttributeError:
-            if attr == self.wrapped_attr:
+            if self.wrapped_attr is None or attr == self.wrapped_attr:
                 raise
             return getattr(super().__getattr__(self.wrapped_attr), attr)
 
@@ -47,6 +52,20 @@ class AdapterModule(nn.Module, abc.ABC):
     @abc.abstractmethod
     def remove_adapter(self, name: str) -> None:
         """Drop adapter ``name`` and its tensors."""
+
+    def trainable_tensors(self, name: str) -> list[torch.Tensor]:
+        """The tensors that train for adapter ``name``: those of :meth:`adapter_state`, unless the
+        file holds a value computed from them (a prefix behind its reparameterising MLP)."""
+        return list(self.adapter_state(name).values())
+
+    def method_name(self, name: str) -> str:
+        """The method of adapter ``name`` in this module (for ``adapter_report``)."""
+        return self.method
+
+    def unwrapped(self) -> nn.Module | None:
+        """What takes this module's place once its last adapter is gone: the wrapped module, or
+        None (the module is simply removed)."""
+        return getattr(self, self.wrapped_attr) if self.wrapped_attr else None
 
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names()}, active={self.active_adapter!r}, disabled={self.disabled}"

@@ -1,0 +1,128 @@
+r"""(IA)^3: learned per-channel scaling vectors on a frozen layer (Liu et al. 2022).
+
+For a base weight viewed as ``W: [out, in]``, bias ``b`` and input ``x: [..., in]``:
+
+    output scaling (attention-style targets)   y = l * (W x + b),     l: [out]   (file: [out, 1])
+    input scaling  (feed-forward targets)      y = W (l * x) + b,     l: [in]    (file: [1, in])
+
+``l`` starts at ones, so the adapted layer is the base layer exactly. Merging folds ``l`` into
+the weight: ``W <- diag(l) W, b <- l * b`` (output) or ``W <- W diag(l)`` (input); unmerging
+divides it out again. Names and shapes follow HF PEFT (``ia3_l``), so files round-trip.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..quantize import dequantize_weight, is_quantized
+from .base import AdapterModule
+from .lora import base_kind
+
+
+class IA3Layer(AdapterModule):
+    """A frozen ``nn.Linear`` / ``Conv1D`` (float or bitsandbytes) plus named (IA)^3 vectors."""
+
+    method = "ia3"
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
+        super().__init__()
+        kind = base_kind(base_layer)
+        if kind not in ("linear", "conv1d"):
+            raise TypeError(f"(IA)^3 scales nn.Linear or transformers Conv1D layers, not {type(base_layer).__name__}.")
+        self.base_layer = base_layer
+        self.quantized = is_quantized(base_layer)
+        if kind == "linear":
+            self.out_features, self.in_features = base_layer.out_features, base_layer.in_features
+        else:  # Conv1D stores [in, out]
+            self.in_features, self.out_features = base_layer.weight.shape
+        self.transposed = kind == "conv1d" or fan_in_fan_out
+        self.ia3_l = nn.ParameterDict()
+        self.feedforward: dict[str, bool] = {}
+        self.merged: list[str] = []
+
+    @classmethod
+    def from_layer(cls, base_layer: nn.Module, fan_in_fan_out: bool = False) -> "IA3Layer":
+        return base_layer if isinstance(base_layer, cls) else cls(base_layer, fan_in_fan_out)
+
+    # ------------------------------------------------------------------------------ adapters
+    def adapter_names(self) -> list[str]:
+        return list(self.ia3_l)
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        return {"ia3_l": self.ia3_l[name]}
+
+    def remove_adapter(self, name: str) -> None:
+        del self.ia3_l[name]
+        del self.feedforward[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def add_adapter(self, name: str, feedforward: bool) -> None:
+        """Create vector ``name`` (ones): ``[1, in]`` scaling the input, or ``[out, 1]`` the output."""
+        if name in self.ia3_l:
+            raise ValueError(f"adapter {name!r} already exists on this layer; choose another adapter_name.")
+        weight = self.base_layer.weight
+        # over a quantized base the vector trains in fp32 (as LoRA does); else in the base's dtype
+        dtype = torch.float32 if self.quantized else weight.dtype
+        shape = (1, self.in_features) if feedforward else (self.out_features, 1)
+        self.ia3_l[name] = nn.Parameter(torch.ones(shape, device=weight.device, dtype=dtype))
+        self.feedforward[name] = feedforward
+
+    # ------------------------------------------------------------------------------- weights
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as ``[out, in]`` (a view of a float base; dequantized otherwise)."""
+        if self.quantized:
+            return dequantize_weight(self.base_layer)
+        weight = self.base_layer.weight
+        return weight.t() if self.transposed else weight
+
+    def merged_base(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(W', b')``: the weight ``[out, in]`` and bias with vector ``name`` folded in, in at
+        least fp32; nothing changes in the layer."""
+        scale = self.ia3_l[name]
+        dtype = torch.promote_types(scale.dtype, torch.float32)
+        weight = self.base_weight().to(dtype) * scale.to(dtype)  # [out, 1] scales rows, [1, in] columns
+        bias = getattr(self.base_layer, "bias", None)
+        if bias is not None and not self.feedforward[name]:
+            bias = bias.to(dtype) * scale.to(dtype).flatten()
+        return weight, bias
+
+    def merge(self, name: str) -> None:
+        """Fold vector ``name`` into the float base weight (and bias) in place."""
+        if self.quantized:
+            raise RuntimeError("refusing to merge (IA)^3 into a quantized base in place: re-quantizing the scaled "
+                               "weight rounds the update away. Use lightning_peft.export_merged(model, directory) "
+                               "to write a merged float model.")
+        with torch.no_grad():
+            weight, bias = self.merged_base(name)
+            self.base_weight().copy_(weight)
+            if bias is not None and not self.feedforward[name]:
+                self.base_layer.bias.copy_(bias)
+        self.merged.append(name)
+
+    def unmerge(self, name: str) -> None:
+        """Divide vector ``name`` back out of the base weight (and bias)."""
+        scale = self.ia3_l[name].detach()
+        if (scale == 0).any():
+            raise RuntimeError(f"(IA)^3 vector {name!r} has zero entries: its merge cannot be undone by division. "
+                               f"Reload the base model and the adapter (load_adapter).")
+        with torch.no_grad():
+            dtype = torch.promote_types(scale.dtype, torch.float32)
+            weight = self.base_weight()
+            weight.copy_(weight.to(dtype) / scale.to(dtype))
+            bias = getattr(self.base_layer, "bias", None)
+            if bias is not None and not self.feedforward[name]:
+                bias.copy_(bias.to(dtype) / scale.to(dtype).flatten())
+        self.merged.remove(name)
+
+    # ------------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = self.active_adapter
+        if self.disabled or name not in self.ia3_l or name in self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        scale = self.ia3_l[name].flatten()
+        if self.feedforward[name]:
+            return self.base_layer((x.to(scale.dtype) * scale).to(x.dtype), *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        return (result * scale).to(result.dtype)
