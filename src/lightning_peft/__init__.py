@@ -6,7 +6,8 @@ HF PEFT format, load PEFT's, merge them into the base; QLoRA: freeze the base in
 """
 
 from .checkpoint import load_adapter, save_adapter
-from .config import LoraConfig, QuantConfig
+from .config import (BitFitConfig, BottleneckConfig, IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig,
+                     QuantConfig)
 from .estimate import MemoryEstimate, estimate_memory
 from .inject import adapter_configs, delete_adapter, disable_adapters, inject_adapters, set_adapter, use_adapter
 from .merge import export_merged, merge_adapters, merged_state_dict, unmerge_adapters
@@ -22,12 +23,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterReport",
+    "BitFitConfig",
+    "BottleneckConfig",
+    "IA3Config",
     "LoraConfig",
     "MemoryEstimate",
     "MemoryReport",
     "PEFTDDPStrategy",
     "PEFTFSDPStrategy",
     "PEFTStrategy",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
     "QuantConfig",
     "adapter_configs",
     "adapter_ids",

@@ -28,7 +28,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from .checkpoint import check_tensors_fit, read_training_state
-from .config import LoraConfig, QuantConfig
+from .config import AdapterConfig, LoraConfig, QuantConfig, config_from_dict
 from .inject import adapter_configs, adapter_parameters, inject_adapters, set_adapter
 from .quantize import logical_numel, quant_config, quantize_base
 
@@ -99,10 +99,11 @@ def adapter_state_keys(module: nn.Module) -> set[str]:
 class _PEFTSetup:
     """The PEFT part of every lightning-peft strategy; put it first in the MRO."""
 
-    def __init__(self, *args: Any, peft_config: LoraConfig | None = None,
+    def __init__(self, *args: Any, peft_config: AdapterConfig | None = None,
                  quantization: None | str | QuantConfig = None, adapter_name: str = "default", **kwargs: Any) -> None:
-        if peft_config is not None and not isinstance(peft_config, LoraConfig):
-            raise TypeError(f"peft_config must be a lightning_peft.LoraConfig, got {type(peft_config).__name__}.")
+        if peft_config is not None and not isinstance(peft_config, AdapterConfig):
+            raise TypeError(f"peft_config must be a lightning_peft adapter config (LoraConfig, IA3Config, BitFitConfig, "
+                            f"PromptTuningConfig, PrefixTuningConfig, BottleneckConfig), got {type(peft_config).__name__}.")
         self.peft_config = peft_config or LoraConfig()
         self.quant_config = _as_quant_config(quantization)
         self.adapter_name = adapter_name
@@ -209,7 +210,7 @@ def restore_adapters(module: nn.Module, checkpoint_path, quantize: bool = True) 
     if quantize and meta.get("quantization") and quant_config(module) is None:
         quantize_base(peft_target(module), QuantConfig.from_dict(meta["quantization"]))
     for name, config in meta["adapters"].items():
-        inject_adapters(peft_target(module), LoraConfig.from_dict(config, source=str(checkpoint_path)), name)
+        inject_adapters(peft_target(module), config_from_dict(config, source=str(checkpoint_path)), name)
     check_checkpoint_adapters(module, checkpoint)
     module.load_state_dict(checkpoint["state_dict"], strict=False)
     set_adapter(module, next(iter(meta["adapters"])))
