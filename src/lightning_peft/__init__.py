@@ -5,6 +5,8 @@ HF PEFT format, load PEFT's, merge them into the base; QLoRA: freeze the base in
 (bitsandbytes) first, then export a merged float model. See README.md for a quick start.
 """
 
+from .activation_checkpointing import enable_gradient_checkpointing
+from .bigmodel import empty_init, load_quantized
 from .checkpoint import load_adapter, save_adapter
 from .config import (BitFitConfig, BottleneckConfig, IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig,
                      QuantConfig)
@@ -41,11 +43,14 @@ __all__ = [
     "combine_adapters",
     "delete_adapter",
     "disable_adapters",
+    "empty_init",
+    "enable_gradient_checkpointing",
     "estimate_memory",
     "export_merged",
     "hot_swap_adapter",
     "inject_adapters",
     "load_adapter",
+    "load_quantized",
     "memory_report",
     "merge_adapters",
     "merged_state_dict",

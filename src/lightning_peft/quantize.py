@@ -78,7 +78,8 @@ def quantize_linear(linear: nn.Linear, config: QuantConfig, device: torch.device
     weight = linear.weight.detach()
     if weight.is_meta:
         raise ValueError("cannot quantize a layer on the meta device: its weights were never loaded. "
-                         "Materialise the model (or load its checkpoint) before quantize_base.")
+                         "Materialise the model (or load its checkpoint) before quantize_base; for a model "
+                         "built with lp.empty_init, lp.load_quantized streams the checkpoint in and quantizes.")
     weight = weight.to(device) if device is not None else weight
     has_bias = linear.bias is not None
     if config.is_4bit:
@@ -120,20 +121,13 @@ def _skipped(path: str, module: nn.Module, heads: set[int], config: QuantConfig)
     return id(module) in heads or any(path == s or path.endswith("." + s) for s in config.skip_modules)
 
 
-def quantize_base(model: nn.Module, config: QuantConfig | None = None,
-                  device: torch.device | str | None = None) -> nn.Module:
-    """Quantize every ``nn.Linear`` of ``model`` (but ``skip_modules`` and the output head) in
-    place, and freeze all of the model's parameters. Returns ``model`` itself.
+def quantization_targets(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Linear]]:
+    """``(path, layer)`` of every ``nn.Linear`` of ``model`` that :func:`quantize_base` replaces:
+    all but ``config.skip_modules`` and the output head. Works on a model built on the meta device.
 
-    With ``device``, each layer is moved there and quantized one at a time (the float model never
-    has to fit on the device); other parameters stay where they are.
-
-    Call it before :func:`lightning_peft.inject_adapters`. The config is kept on the model as
-    ``model.lp_quant_config`` (read by merging and export).
-    """
+    Raises if ``model`` is quantized already, carries adapters, or has no such layer."""
     from .methods import AdapterModule  # local: methods sits above quantize in the layer plan
 
-    config = config or QuantConfig()
     if quant_config(model) is not None:
         raise RuntimeError("model is already quantized (quantize_base ran on it before).")
     if any(isinstance(m, AdapterModule) for m in model.modules()):
@@ -146,11 +140,33 @@ def quantize_base(model: nn.Module, config: QuantConfig | None = None,
         raise ValueError(f"quantize_base found no nn.Linear layer to quantize in {type(model).__name__} "
                          f"(skip_modules={config.skip_modules}). QLoRA quantizes linear layers; for a model "
                          f"without them train without quantization (e.g. strategy='lora').")
-    for path, linear in targets:
-        replace_module(model, path, quantize_linear(linear, config, device))
+    return targets
+
+
+def mark_quantized(model: nn.Module, config: QuantConfig) -> None:
+    """Freeze every parameter of ``model`` and record ``config`` on it (``model.lp_quant_config``)."""
     for param in model.parameters():
         param.requires_grad_(False)
     object.__setattr__(model, QUANT_CONFIG_ATTR, config)
+
+
+def quantize_base(model: nn.Module, config: QuantConfig | None = None,
+                  device: torch.device | str | None = None) -> nn.Module:
+    """Quantize every ``nn.Linear`` of ``model`` (but ``skip_modules`` and the output head) in
+    place, and freeze all of the model's parameters. Returns ``model`` itself.
+
+    With ``device``, each layer is moved there and quantized one at a time (the float model never
+    has to fit on the device); other parameters stay where they are. For a model too big for memory
+    in float, build it with :func:`lightning_peft.empty_init` and stream its checkpoint in with
+    :func:`lightning_peft.load_quantized` instead (the same layers, byte for byte).
+
+    Call it before :func:`lightning_peft.inject_adapters`. The config is kept on the model as
+    ``model.lp_quant_config`` (read by merging and export).
+    """
+    config = config or QuantConfig()
+    for path, linear in quantization_targets(model, config):
+        replace_module(model, path, quantize_linear(linear, config, device))
+    mark_quantized(model, config)
     return model
 
 

@@ -18,7 +18,9 @@ FSDP strategies. Lightning's call order sets the constraints (DESIGN.md section 
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -27,6 +29,9 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDevice
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
+from .activation_checkpointing import enable_gradient_checkpointing
+from .bigmodel import empty_init as _empty_init
+from .bigmodel import load_quantized
 from .checkpoint import check_tensors_fit, read_training_state
 from .config import AdapterConfig, LoraConfig, QuantConfig, config_from_dict
 from .inject import adapter_configs, adapter_parameters, inject_adapters, set_adapter
@@ -100,19 +105,37 @@ class _PEFTSetup:
     """The PEFT part of every lightning-peft strategy; put it first in the MRO."""
 
     def __init__(self, *args: Any, peft_config: AdapterConfig | None = None,
-                 quantization: None | str | QuantConfig = None, adapter_name: str = "default", **kwargs: Any) -> None:
+                 quantization: None | str | QuantConfig = None, adapter_name: str = "default",
+                 checkpoint: str | os.PathLike | None = None, gradient_checkpointing: bool = False,
+                 empty_init: bool = True, **kwargs: Any) -> None:
         if peft_config is not None and not isinstance(peft_config, AdapterConfig):
             raise TypeError(f"peft_config must be a lightning_peft adapter config (LoraConfig, IA3Config, BitFitConfig, "
                             f"PromptTuningConfig, PrefixTuningConfig, BottleneckConfig), got {type(peft_config).__name__}.")
         self.peft_config = peft_config or LoraConfig()
         self.quant_config = _as_quant_config(quantization)
         self.adapter_name = adapter_name
+        self.base_checkpoint = checkpoint
+        self.gradient_checkpointing = gradient_checkpointing
+        self.empty_init = empty_init
         super().__init__(*args, **kwargs)
 
     # ------------------------------------------------------------------------------ set-up
     @property
     def restore_checkpoint_after_setup(self) -> bool:
         return True
+
+    @contextmanager
+    def tensor_init_context(self, empty_init: bool | None = None):
+        """Where ``configure_model`` (and ``trainer.init_module()``) builds: on the meta device
+        (:func:`lightning_peft.empty_init`), unless the strategy or the caller says
+        ``empty_init=False``. Weights come from ``checkpoint=`` at setup, or the module streams
+        them in itself with :func:`lightning_peft.load_quantized`."""
+        if not self.empty_init or empty_init is False:
+            with super().tensor_init_context(empty_init):
+                yield
+            return
+        with _empty_init(), self.precision_plugin.tensor_init_context():
+            yield
 
     def setup(self, trainer) -> None:
         self._prepare_module(self.lightning_module)
@@ -122,6 +145,9 @@ class _PEFTSetup:
         if adapter_configs(module):  # setup runs again for validate/test/predict after fit
             return
         target = peft_target(module)
+        if self.base_checkpoint is not None and quant_config(module) is None:
+            load_quantized(target, self.base_checkpoint, self.quant_config, device=self.root_device)
+        _refuse_meta_tensors(module)
         if self.quant_config is not None and quant_config(module) is None:
             self._sync_float_weights(module)
             quantize_base(target, self.quant_config, device=self.root_device)
@@ -129,6 +155,8 @@ class _PEFTSetup:
                 param.requires_grad_(False)
         inject_adapters(target, self.peft_config, self.adapter_name)
         set_adapter(module, self.adapter_name)  # freezes what lies outside the target as well
+        if self.gradient_checkpointing:
+            enable_gradient_checkpointing(target)
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
         total = sum(logical_numel(p) for p in module.parameters())  # 4-bit: weights, not packed bytes
         rank_zero_info(f"lightning-peft: {trainable:,} trainable of {total:,} parameters "
@@ -171,6 +199,17 @@ class _PEFTSetup:
         rng_states = checkpoint.get(CHECKPOINT_KEY, {}).get("rng_states")
         if rng_states is not None:  # resume draws the same dropout masks as an uninterrupted run
             set_rng_states(rng_states)
+
+
+def _refuse_meta_tensors(module: nn.Module) -> None:
+    on_meta = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if on_meta:
+        raise RuntimeError(f"{len(on_meta)} tensors of {type(module).__name__} are on the meta device "
+                           f"({', '.join(on_meta[:4])}{' ...' if len(on_meta) > 4 else ''}): configure_model builds "
+                           f"without storage under lightning-peft, and no weights were loaded. Pass "
+                           f"PEFTStrategy(checkpoint='model dir or .safetensors'), or call lp.load_quantized(self.model, "
+                           f"path, self.trainer.strategy.quant_config, device=self.trainer.strategy.root_device) in "
+                           f"configure_model, or build real random weights with PEFTStrategy(empty_init=False).")
 
 
 def check_checkpoint_adapters(module: nn.Module, checkpoint: Mapping[str, Any]) -> None:
