@@ -449,7 +449,7 @@ class BottleneckConfig(AdapterConfig):
     def to_dict(self) -> dict[str, Any]:
         return {"peft_type": self.peft_type, "task_type": None, "reduction_factor": self.reduction_factor,
                 "placement": self.placement, "activation": self.activation, "ffn_modules": self.ffn_modules,
-                "attn_modules": self.attn_modules if self.placement == "after_attn_and_ffn" else None}
+                "attn_modules": self.attn_modules}
 
 
 CONFIG_TYPES = {cls.peft_type: cls for cls in (LoraConfig, IA3Config, BitFitConfig, PromptTuningConfig,
