@@ -33,7 +33,7 @@ from torch import nn
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, _read_weights, adapter_tensors, check_tensors_fit
 from .inject import (CONFIGS_ATTR, _pattern_value, _refuse_if_merged, adapter_configs, adapter_modules,
                      adapter_owner, inject_adapters)
-from .methods import LoraLayer
+from .methods import AdapterModule, LoraLayer
 from .methods.lora import lora_scaling
 
 BASE = "__base__"  # HF PEFT's name for "no adapter" in adapter_names=; same as None here
@@ -55,6 +55,19 @@ def _row_names(model: nn.Module, ids: Sequence[str | None]) -> tuple[str | None,
     return names
 
 
+def _outer_adapter_modules(model: nn.Module) -> list[AdapterModule]:
+    """The adapter modules of ``model``, without descending into them (their ``lora_A``/``lora_B``
+    dicts hold most of a model's modules): this runs once per batch when serving."""
+    found, pending = [], [model]
+    while pending:
+        module = pending.pop()
+        if isinstance(module, AdapterModule):
+            found.append(module)
+        else:
+            pending.extend(m for m in module._modules.values() if m is not None)
+    return found
+
+
 @contextmanager
 def adapter_ids(model: nn.Module, ids: Sequence[str | None]):
     """Within the block, row ``n`` of each batch the model sees runs adapter ``ids[n]``.
@@ -69,20 +82,22 @@ def adapter_ids(model: nn.Module, ids: Sequence[str | None]):
     them runs the base function for the block. Merged adapters are refused (unmerge first).
     """
     names = _row_names(model, ids)
-    _refuse_if_merged(model, "run a mixed-adapter batch")
     wanted = {n for n in names if n is not None}
     lora_layers, others = [], []
-    for path, module in adapter_modules(model):
+    for module in _outer_adapter_modules(model):
         if isinstance(module, LoraLayer):
+            if module.merged:
+                _refuse_if_merged(model, "run a mixed-adapter batch")
             lora_layers.append(module)
-            continue
-        held = sorted(wanted.intersection(module.adapter_names()))
-        if held:
-            raise NotImplementedError(
-                f"{path} ({type(module).__name__}, method {module.method!r}) holds adapters {held} and cannot mix "
-                f"adapters per row: only LoRA layers can. Run those rows in their own batch with "
-                f"lightning_peft.use_adapter(model, name) instead.")
-        others.append(module)
+        elif isinstance(module, AdapterModule):
+            held = sorted(wanted.intersection(module.adapter_names()))
+            if held:
+                path = next(p for p, m in model.named_modules() if m is module)
+                raise NotImplementedError(
+                    f"{path} ({type(module).__name__}, method {module.method!r}) holds adapters {held} and cannot "
+                    f"mix adapters per row: only LoRA layers can. Run those rows in their own batch with "
+                    f"lightning_peft.use_adapter(model, name) instead.")
+            others.append(module)
     previous = [(m, m.row_adapters) for m in lora_layers] + [(m, m.disabled) for m in others]
     try:
         for module in lora_layers:

@@ -277,10 +277,17 @@ class LoraLayer(AdapterModule):
 
     # -------------------------------------------------------------------- mixed-adapter batches
     def _stack_sources(self) -> list[torch.Tensor]:
-        """Every tensor the stacked adapters are computed from (the base weight only for DoRA)."""
-        tensors = [t for name in self.scaling for t in self.adapter_state(name).values()]
-        if self.lora_magnitude_vector:
-            tensors.append(self.base_layer.weight)
+        """Every tensor the stacked adapters are computed from (the base weight only for DoRA).
+
+        Read from the containers' ``_parameters`` directly: this runs on every mixed forward, and
+        ``nn.Module`` attribute lookups cost about a microsecond each."""
+        if self.kind == "embedding":
+            tensors = [*self.lora_embedding_A._parameters.values(), *self.lora_embedding_B._parameters.values()]
+        else:
+            tensors = [m._parameters["weight"] for store in (self.lora_A, self.lora_B) for m in store._modules.values()]
+        magnitudes = self.lora_magnitude_vector._parameters
+        if magnitudes:
+            tensors += [*magnitudes.values(), self.base_layer.weight]
         return tensors
 
     def _build_stack(self) -> dict:
@@ -318,7 +325,7 @@ class LoraLayer(AdapterModule):
         sources = self._stack_sources()
         if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
             return self._build_stack()
-        signature = (tuple(self.scaling.items()), tuple((t.data_ptr(), t._version) for t in sources))
+        signature = (tuple(self.scaling.items()), [(t.data_ptr(), t._version) for t in sources])
         cache = self._stack_cache
         if cache is None or cache["signature"] != signature:
             with torch.no_grad():
@@ -357,8 +364,12 @@ class LoraLayer(AdapterModule):
             if self.training and stack["p"] is not None:  # inverted dropout with each row's own p
                 p = stack["p"][index].view(-1, *[1] * (x.dim() - 1))
                 h = h * (torch.rand_like(h) >= p) / (1.0 - p)
-            shrunk = torch.bmm(h.reshape(rows, -1, self.in_features), A_stack[index])
-        lora = torch.bmm(shrunk, B_stack[index]).view(result.shape).to(result.dtype)
+            # index_select: a plain row copy, ~4x faster on CPU than advanced indexing A_stack[index]
+            shrunk = torch.bmm(h.reshape(rows, -1, self.in_features), A_stack.index_select(0, index))
+        B_rows = B_stack.index_select(0, index)
+        if not uses_dora and result.dtype == B_rows.dtype:  # y = result + shrunk @ B in one pass
+            return torch.baddbmm(result.reshape(rows, -1, self.out_features), shrunk, B_rows).view(result.shape)
+        lora = torch.bmm(shrunk, B_rows).view(result.shape).to(result.dtype)
         if not uses_dora:
             return result + lora
         scale = stack["dora"][index].to(result.dtype).view(rows, *[1] * (result.dim() - 2), -1)
