@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import lightning_peft as lp
-from conftest import max_abs, realistic_adapter, tiny_llama, token_batch
+from conftest import max_abs, realistic_adapter, tiny_gpt2, tiny_llama, token_batch
 from lightning_peft.inject import adapter_modules
 from lightning_peft.methods import LoraLayer
 
@@ -61,6 +61,30 @@ def test_mixed_batch_equals_each_row_alone(quantized):
     # the adapters really differ per row (a mixed batch that ran one adapter everywhere would fail)
     with torch.no_grad(), lp.use_adapter(model, "a"):
         assert max_abs(model(input_ids=input_ids).logits, reference) > 1e-2
+
+
+def test_mixed_batch_over_gpt2_conv1d_layers():
+    model = tiny_gpt2()
+    for i, r in enumerate((2, 6)):
+        lp.inject_adapters(model, lp.LoraConfig(r=r, lora_dropout=0.0, init_lora_weights=False), adapter_name=f"g{i}")
+        realistic_adapter(model, f"g{i}", seed=i)
+    input_ids, ids = token_batch(batch=3), ["g1", None, "g0"]
+    with torch.no_grad(), lp.adapter_ids(model, ids):
+        mixed = model(input_ids=input_ids).logits
+    assert max_abs(mixed, _each_row_alone(model, input_ids, ids)) <= 1e-5
+
+
+def test_training_mode_applies_each_rows_own_dropout():
+    model = _model(names=["a", "b"])
+    lp.inject_adapters(model, lp.LoraConfig(r=4, lora_dropout=0.5, init_lora_weights=False), adapter_name="drop")
+    realistic_adapter(model, "drop", seed=9)
+    input_ids, ids = token_batch(batch=3), ["drop", "b", None]
+    reference = _each_row_alone(model, input_ids, ids)  # eval mode: no dropout anywhere
+    model.train()
+    with torch.no_grad(), lp.adapter_ids(model, ids):
+        mixed = model(input_ids=input_ids).logits
+    assert max_abs(mixed[1:], reference[1:]) <= 1e-5  # p = 0 rows are exact
+    assert max_abs(mixed[0], reference[0]) > 1e-3  # the p = 0.5 row was dropped out
 
 
 def test_mixed_ranks_are_zero_padded_in_one_stack():
