@@ -4,7 +4,9 @@
 #      PEFT interop) and the layer tests with their models on CUDA;
 #   2. the strategy tests with accelerator=cuda;
 #   3. an FSDP-QLoRA smoke run (scripts/fsdp_smoke.py);
-#   4. the QLoRA step benchmark on CUDA (tokens/s and peak GPU memory, ours vs PEFT), if present.
+#   4. the QLoRA step benchmark on CUDA (tokens/s and peak GPU memory, ours vs PEFT), if present;
+#   5. a 70B-shaped Llama streamed into NF4 layer by layer, one QLoRA step at 1 x 512 with gradient
+#      checkpointing and paged 8-bit AdamW: peak GPU memory (< 48 GB expected), step time, estimate.
 # Usage (from the repository root, after the README's install line): bash scripts/gpu_check.sh [out_dir]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,5 +22,6 @@ run python scripts/fsdp_smoke.py "$out"
 if [ -f benchmarks/qlora_gpu.py ]; then
   run python benchmarks/qlora_gpu.py --out "$out/qlora_gpu.md"
 fi
+run python scripts/big_70b.py --out "$out/big_70b.md"
 echo "gpu_check status: $status (log: $out/gpu_check.log)"
 exit $status

@@ -22,11 +22,17 @@ def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
     """Checkpoint every decoder layer of ``model`` (non-reentrant) in place; returns ``model``.
 
     A transformers model (``model`` or the first submodule that supports it) gets its own
-    ``gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})``.
+    ``activation_checkpointing_enable`` (``gradient_checkpointing_enable`` before transformers
+    5.x renamed it) with ``use_reentrant=False``.
     Any other model: the layers of its largest ``nn.ModuleList`` of same-type blocks are wrapped
     in ``torch.utils.checkpoint`` (while training with gradients on; state-dict keys unchanged)."""
     for module in model.modules():
-        if getattr(module, "supports_gradient_checkpointing", False) and hasattr(module, "gradient_checkpointing_enable"):
+        if not getattr(module, "supports_gradient_checkpointing", False):
+            continue
+        if hasattr(module, "activation_checkpointing_enable"):
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            return model
+        if hasattr(module, "gradient_checkpointing_enable"):
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             return model
     layers = _decoder_layers(model)

@@ -163,6 +163,19 @@ class _PEFTSetup:
                        f"({100 * trainable / max(total, 1):.3f} %), quantization="
                        f"{self.quant_config.quant_type if self.quant_config else None}")
 
+    def teardown(self) -> None:
+        module = self._lightning_module
+        if module is None or not _meta_tensor_names(module):
+            super().teardown()
+            return
+        # setup refused a model left on meta: Lightning's teardown would move it to the CPU, fail on
+        # the meta tensors ("Cannot copy out of meta tensor") and hide the error that explains them
+        self._lightning_module = None
+        try:
+            super().teardown()
+        finally:
+            self._lightning_module = module
+
     def _sync_float_weights(self, module: nn.Module) -> None:
         """Hook for multi-process strategies: make the float weights identical before quantizing."""
 
@@ -201,8 +214,12 @@ class _PEFTSetup:
             set_rng_states(rng_states)
 
 
+def _meta_tensor_names(module: nn.Module) -> list[str]:
+    return [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+
+
 def _refuse_meta_tensors(module: nn.Module) -> None:
-    on_meta = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    on_meta = _meta_tensor_names(module)
     if on_meta:
         raise RuntimeError(f"{len(on_meta)} tensors of {type(module).__name__} are on the meta device "
                            f"({', '.join(on_meta[:4])}{' ...' if len(on_meta) > 4 else ''}): configure_model builds "
