@@ -201,3 +201,28 @@ def test_config_files_dispatch_on_peft_type():
         lp.IA3Config(target_modules=["k_proj"], feedforward_modules=["down_proj"])
     with pytest.raises(ValueError, match="tokenizer"):
         lp.inject_adapters(tiny_llama(), lp.PromptTuningConfig(init="Classify the sentiment"))
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_generate_matches_greedy_full_forwards(method):
+    """Cached generation (virtual tokens added once, then only the mask grows) picks the same
+    tokens as re-running the whole sequence each step. (HF PEFT's own generate disagrees with its
+    forward on this transformers version, so its forward is the reference.)"""
+    torch.manual_seed(0)
+    model = lp.inject_adapters(tiny_llama(), CONFIGS[method]())
+    with torch.no_grad():
+        for param in model.lp_prompt.parameters():
+            param.mul_(3)  # a prefix/prompt strong enough to change the greedy choices
+    x = token_batch(seq=6)
+    reference = x
+    with torch.no_grad():
+        for _ in range(6):
+            logits = model(input_ids=reference, attention_mask=torch.ones_like(reference)).logits
+            reference = torch.cat([reference, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        with lp.disable_adapters(model):
+            base = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False,
+                                  pad_token_id=0)
+    generated = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False,
+                               pad_token_id=0)
+    assert torch.equal(generated[:, -6:], reference[:, -6:])
+    assert not torch.equal(generated, base)
