@@ -66,6 +66,9 @@ def test_logical_numel_counts_weights_not_packed_bytes():
     packed = sum(p.numel() for p in model.parameters())
     assert packed < float_count  # two 4-bit weights per stored byte: numel() undercounts
     assert sum(logical_numel(p) for p in model.parameters()) == float_count
+    lp.inject_adapters(model, lp.LoraConfig(r=4))
+    report = lp.adapter_report(model, show=False)
+    assert report.total_params == float_count + report.per_adapter["default"]
 
 
 def test_quantized_base_is_frozen_and_refuses_wrong_order():

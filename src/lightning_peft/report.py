@@ -10,13 +10,15 @@ from torch import nn
 
 from .checkpoint import adapter_tensors
 from .inject import adapter_configs, adapter_modules
+from .quantize import logical_numel
 
 
 @dataclass
 class AdapterReport:
     """Parameter counts of a model with adapters.
 
-    ``total_params`` counts every parameter once (adapters included); ``per_adapter`` maps each
+    ``total_params`` counts every parameter once (adapters included; a packed 4-bit weight as the
+    ``out * in`` weights it stands for); ``per_adapter`` maps each
     adapter name to its parameter count and ``per_method`` splits the counts by method
     (``"lora"``, ``"dora_magnitude"``, ``"ia3"``, ``"bitfit"``, ``"bottleneck"``, ``"prompt"``,
     ``"prefix"``, ``"modules_to_save"``, ``"bias"``) over all adapters.
@@ -68,7 +70,7 @@ def adapter_report(model: nn.Module, show: bool = True, console: Console | None 
         if per_adapter[name] > in_modules:  # the rest: biases freed by the config's ``bias``
             per_method["bias"] = per_method.get("bias", 0) + per_adapter[name] - in_modules
     trainable = [p for p in params if p.requires_grad]
-    report = AdapterReport(total_params=sum(p.numel() for p in params),
+    report = AdapterReport(total_params=sum(logical_numel(p) for p in params),  # 4-bit: weights, not bytes
                            trainable_params=sum(p.numel() for p in trainable),
                            trainable_bytes=sum(p.numel() * p.element_size() for p in trainable),
                            adapter_bytes=adapter_bytes, per_adapter=per_adapter, per_method=per_method)
