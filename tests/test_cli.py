@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import lightning_peft as lp
 from lightning_peft.callbacks.rank_monitor import effective_rank
-from lightning_peft.cli import inspect_adapter, main
+from lightning_peft.cli import inspect_adapter, inspect_adapters, main
 from lightning_peft.methods import LoraLayer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +98,100 @@ def test_inspect_counts_and_spectra(tmp_path, capsys):
     for text in ("magnitude", "modules_to_save", "use_rslora",
                  "model.layers.1.self_attn.v_proj", "50% energy", "DoRA"):
         assert text in out, text
+
+
+# Every method's directory, its tensors counted from the live model's adapter modules, its groups
+# of modules from the tiny Llama's architecture (hidden 64, 2 KV heads of 16, MLP 128, 2 layers).
+def _method_cases():
+    from lightning_peft.methods import BitFitLayer, BottleneckLayer, IA3Layer
+
+    def live(model, cls, attrs):
+        return [p for m in model.modules() if isinstance(m, cls) for a in attrs for p in getattr(m, a).parameters()]
+
+    return {
+        "IA3": (lp.IA3Config(), {"ia3_l": lambda m: live(m, IA3Layer, ["ia3_l"])},
+                {"model.layers.*.self_attn.k_proj": (2, 2, 64), "model.layers.*.self_attn.v_proj": (2, 2, 64),
+                 "model.layers.*.mlp.down_proj": (2, 2, 256)}),  # k/v scale their 32 outputs, down_proj its 128 inputs
+        "BITFIT": (lp.BitFitConfig(), {"bitfit_bias": lambda m: live(m, BitFitLayer, ["bitfit_bias"])},
+                   {"model.layers.*.self_attn.q_proj": (2, 2, 128), "model.layers.*.self_attn.k_proj": (2, 2, 64),
+                    "model.layers.*.mlp.gate_proj": (2, 2, 256), "model.layers.*.mlp.down_proj": (2, 2, 128)}),
+        "BOTTLENECK": (lp.BottleneckConfig(placement="after_attn_and_ffn"),
+                       {"adapter_down": lambda m: live(m, BottleneckLayer, ["adapter_down"]),
+                        "adapter_up": lambda m: live(m, BottleneckLayer, ["adapter_up"])},
+                       # D [4, 64] + c [4], U [64, 4] + e [64] after each of 2 attention and 2 MLP blocks
+                       {"model.layers.*.self_attn": (2, 8, 1160), "model.layers.*.mlp": (2, 8, 1160)}),
+        "PROMPT_TUNING": (lp.PromptTuningConfig(num_virtual_tokens=4),
+                          {"prompt_embeddings": lambda m: [m.lp_prompt.prompt_embeddings["default"]]},
+                          {"(model)": (1, 1, 4 * 64)}),
+        # the file holds P = MLP(E): [4 tokens, 2 layers * (keys, values) * 2 KV heads * 16]
+        "PREFIX_TUNING": (lp.PrefixTuningConfig(num_virtual_tokens=4, projection=True),
+                          {"prompt_embeddings": lambda m: [m.lp_prompt.prefix("default")]},
+                          {"(model)": (1, 1, 4 * 2 * 2 * 2 * 16)}),
+    }
+
+
+@pytest.mark.parametrize("method", ["IA3", "BITFIT", "BOTTLENECK", "PROMPT_TUNING", "PREFIX_TUNING"])
+def test_inspect_reads_every_method(method, tmp_path, capsys):
+    config, kinds, groups = _method_cases()[method]
+    model = lp.inject_adapters(tiny_llama(), config)
+    lp.save_adapter(model, tmp_path / "a")
+    summary = inspect_adapter(tmp_path / "a")
+    assert summary.method == method and summary.layers == []  # no rank spectrum outside LoRA
+    expected = {kind: (len(ts), sum(t.numel() for t in ts), sum(4 * t.numel() for t in ts))  # fp32
+                for kind, ts in ((kind, get(model)) for kind, get in kinds.items())}
+    assert summary.counts == expected
+    for group, numbers in groups.items():
+        assert summary.modules[group][:3] == numbers, group
+    assert sum(n[2] for n in summary.modules.values()) == sum(n[1] for n in expected.values())
+
+    code, out, err = run(capsys, "inspect", tmp_path / "a")
+    assert code == 0 and not err, err
+    label = {"IA3": "(IA)³", "BITFIT": "BitFit", "BOTTLENECK": "bottleneck adapters",
+             "PROMPT_TUNING": "prompt tuning", "PREFIX_TUNING": "prefix tuning"}[method]
+    for text in (label, method, *kinds, *groups, "per module"):
+        assert text in out, text
+    assert "rank spectrum" not in out and "LoRA" not in out
+
+
+def test_inspect_lists_named_adapters_in_sub_folders(tmp_path, capsys):
+    """An AdapterCheckpoint save of three named adapters (the first at the top, the others in
+    sub-folders named after them), and PEFT's own multi-adapter layouts."""
+    import peft
+
+    from lightning_peft.callbacks.adapter_checkpoint import _write_directory
+
+    model = lp.inject_adapters(tiny_llama(), lp.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    lp.inject_adapters(model, lp.BottleneckConfig(), adapter_name="bn")
+    lp.inject_adapters(model, lp.PrefixTuningConfig(num_virtual_tokens=4), adapter_name="pre")
+    realistic_adapter(model)
+    _write_directory(tmp_path / "save", model, {})
+    summaries = inspect_adapters(tmp_path / "save")
+    assert [(s.name, s.method) for s in summaries] == [(None, "LORA"), ("bn", "BOTTLENECK"), ("pre", "PREFIX_TUNING")]
+    assert len(summaries[0].layers) == 4 and all(layer.effective_rank > 0 for layer in summaries[0].layers)
+    assert summaries[1].counts["adapter_up"][:2] == (4, 2 * (64 * 4 + 64))  # U [64, 64 // 16] + e [64], 2 MLPs
+    code, out, err = run(capsys, "inspect", tmp_path / "save")
+    assert code == 0 and not err, err
+    for text in ("3 adapters", "(top level)", "adapter 'bn'", "adapter 'pre'", "bottleneck adapters",
+                 "prefix tuning", "rank spectrum", "pre/", "bn/"):
+        assert text in out, text
+
+    # PEFT: default at the top, "other" in a sub-folder; or (selected_adapters) the sub-folder alone
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    theirs.add_adapter("other", peft.LoraConfig(r=2, target_modules=["v_proj"]))
+    theirs.save_pretrained(tmp_path / "peft")
+    theirs.save_pretrained(tmp_path / "peft_other", selected_adapters=["other"])
+    both, alone = inspect_adapters(tmp_path / "peft"), inspect_adapters(tmp_path / "peft_other")
+    assert [(s.name, [layer.r for layer in s.layers]) for s in both] == [(None, [4, 4]), ("other", [2, 2])]
+    assert [s.name for s in alone] == ["other"]
+
+
+def test_merge_refuses_an_unmergeable_adapter_before_loading_the_base(tmp_path, capsys):
+    lp.save_adapter(lp.inject_adapters(tiny_llama(), lp.BottleneckConfig()), tmp_path / "bn")
+    # the base does not exist: had it been loaded first, the error would be about it
+    code, out, err = run(capsys, "merge", "--base", "no_such_package.models:build", "--adapter", tmp_path / "bn",
+                         "--out", tmp_path / "out")
+    assert code == 2 and not out and len(err.strip().splitlines()) == 1
+    assert "bottleneck adapters" in err and "load_adapter" in err and "no_such_package" not in err
 
 
 # ----------------------------------------------------------------------------------------- merge

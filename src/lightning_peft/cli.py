@@ -1,7 +1,7 @@
 r"""``lightning-peft``: train from a config, look inside an adapter, export a merged model, run the demo.
 
     lightning-peft fit --config examples/configs/qlora.yaml      # LightningCLI; also validate/test/predict
-    lightning-peft inspect adapters/last                         # config, tensor counts, rank spectra
+    lightning-peft inspect adapters/last                         # config, tensor counts, LoRA rank spectra
     lightning-peft merge --base ./llama --adapter adapters/last --out merged [--dtype bfloat16]
     lightning-peft demo [--fast] [--out DIR]
 
@@ -11,11 +11,14 @@ argument (``--trainer.strategy=qlora``: the names are registered on ``import lig
 which runs before parsing), callbacks as ``trainer.callbacks`` entries. A ``RichProgressBar`` is
 added unless the config chose a progress bar or ``enable_progress_bar: false``.
 
-``inspect`` reads an adapter directory (HF PEFT format) without the base model. For each LoRA
-layer it reports the singular values of ``s B A`` (two thin QRs and an ``r x r`` SVD, as
-:class:`~lightning_peft.callbacks.RankMonitor` does) and the effective rank: the smallest ``k``
-whose top-``k`` squared singular values hold ``energy`` (0.9) of their sum. ``s`` is
-``alpha / r`` or ``alpha / sqrt(r)`` (rsLoRA), with ``alpha`` from ``alpha_pattern``.
+``inspect`` reads an adapter directory of any method (HF PEFT format, or our BitFit / bottleneck
+keys) without the base model: the config, and the tensors counted per kind and per module. A save
+with further named adapters in sub-folders (AdapterCheckpoint's and PEFT's layout) is listed, then
+each adapter is shown. For each LoRA layer it also reports the singular values of ``s B A`` (two
+thin QRs and an ``r x r`` SVD, as :class:`~lightning_peft.callbacks.RankMonitor` does) and the
+effective rank: the smallest ``k`` whose top-``k`` squared singular values hold ``energy`` (0.9)
+of their sum. ``s`` is ``alpha / r`` or ``alpha / sqrt(r)`` (rsLoRA), with ``alpha`` from
+``alpha_pattern``.
 
 Bad input (a missing directory, a directory that is not an adapter, a base that cannot be found)
 ends with one line on stderr, ``lightning-peft <command>: error: ...``, and exit status 2.
@@ -31,7 +34,7 @@ import statistics
 import sys
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +49,7 @@ from torch import nn
 from . import __version__
 from .callbacks.rank_monitor import TOP_VALUES_SHOWN, effective_rank, factor_singular_values
 from .checkpoint import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, _read_weights, load_adapter
-from .config import QUANT_TYPES, LoraConfig, QuantConfig
+from .config import QUANT_TYPES, AdapterConfig, LoraConfig, QuantConfig, config_from_dict
 from .inject import _matches, _pattern_value
 from .merge import MANIFEST_NAME, export_merged
 from .methods.lora import lora_scaling
@@ -109,35 +112,59 @@ class LayerSpectrum:
 
 @dataclass
 class AdapterSummary:
-    """What ``lightning-peft inspect`` prints. ``counts``: ``{kind: (tensors, parameters, bytes)}``
-    with kinds ``lora_A``, ``lora_B``, ``magnitude`` (DoRA), ``modules_to_save``, ``bias``, ``other``."""
+    """What ``lightning-peft inspect`` prints for one adapter directory.
+
+    ``name``: None for the adapter at the top of the directory, else the sub-folder's name (a
+    further named adapter). ``method``: the file's ``peft_type``. ``counts``: ``{kind: (tensors,
+    parameters, bytes)}`` with the kinds of :data:`KINDS`. ``modules``: ``{module path with layer
+    numbers as *: (modules, tensors, parameters, bytes)}`` (``(model)`` for the model-level
+    prompt / prefix tensor). ``layers``: the LoRA rank spectra (empty for the other methods)."""
 
     directory: Path
     config: dict[str, Any]
     counts: dict[str, tuple[int, int, int]]
     layers: list[LayerSpectrum]
     energy: float
+    name: str | None = None
+    method: str = "LORA"
+    modules: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
 
 
-_LORA_SUFFIXES = {".lora_A.weight": "lora_A", ".lora_embedding_A": "lora_A", ".lora_B.weight": "lora_B",
-                  ".lora_embedding_B": "lora_B", ".lora_magnitude_vector": "magnitude"}
-KINDS = ("lora_A", "lora_B", "magnitude", "modules_to_save", "bias", "other")
+# key suffix -> kind; one kind per tensor of each method (the file formats of docs/methods.md)
+_SUFFIXES = {".lora_A.weight": "lora_A", ".lora_embedding_A": "lora_A", ".lora_B.weight": "lora_B",
+             ".lora_embedding_B": "lora_B", ".lora_magnitude_vector": "magnitude", ".ia3_l": "ia3_l",
+             ".bitfit_bias": "bitfit_bias", ".adapter_down.weight": "adapter_down", ".adapter_down.bias": "adapter_down",
+             ".adapter_up.weight": "adapter_up", ".adapter_up.bias": "adapter_up"}
+PROMPT_KEY = "prompt_embeddings"  # prompt and prefix tuning: one model-level tensor, no module path
+KINDS = ("lora_A", "lora_B", "magnitude", "ia3_l", "bitfit_bias", "adapter_down", "adapter_up", PROMPT_KEY,
+         "modules_to_save", "bias", "other")
+METHODS = {"LORA": "LoRA", "IA3": "(IA)³", "BITFIT": "BitFit", "PROMPT_TUNING": "prompt tuning",
+           "PREFIX_TUNING": "prefix tuning", "BOTTLENECK": "bottleneck adapters"}
+MODEL_LEVEL = "(model)"
 
 
-def _kind(key: str, config: LoraConfig) -> tuple[str, str]:
+def _kind(key: str, config: AdapterConfig) -> tuple[str, str]:
     """``(kind, module path)`` of a key of an adapter file (without PEFT's ``base_model.model.``)."""
-    for suffix, kind in _LORA_SUFFIXES.items():
+    if key == PROMPT_KEY:
+        return PROMPT_KEY, MODEL_LEVEL
+    for suffix, kind in _SUFFIXES.items():
         if key.endswith(suffix):
             return kind, key[: -len(suffix)]
     path = key.rsplit(".", 1)[0]
-    if config.modules_to_save and _matches(config.modules_to_save, path.replace(".modules_to_save", "")):
-        return "modules_to_save", path
-    return ("bias" if key.endswith(".bias") else "other"), path
+    saved = getattr(config, "modules_to_save", None)
+    if saved and _matches(saved, path.replace(".modules_to_save", "")):
+        return "modules_to_save", path.replace(".modules_to_save", "")
+    return ("bias" if key.endswith(".bias") else "other"), path.removesuffix(".base_layer")
 
 
 def _natural(path: str) -> list:
     """Sort key: ``layers.2`` before ``layers.10``."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
+
+
+def _module_group(path: str) -> str:
+    """``model.layers.3.mlp`` -> ``model.layers.*.mlp``: one row per kind of module, not per layer."""
+    return re.sub(r"(?<=\.)\d+(?=\.|$)", "*", path)
 
 
 def adapter_directory(path: str | Path, flag: str = "") -> Path:
@@ -154,8 +181,25 @@ def adapter_directory(path: str | Path, flag: str = "") -> Path:
     return directory
 
 
-def inspect_adapter(directory: str | Path, energy: float = 0.9) -> AdapterSummary:
-    """Read an adapter directory (ours or HF PEFT's; no base model needed) and measure it."""
+def named_adapter_directories(path: str | Path) -> list[tuple[str | None, Path]]:
+    """``[(name, directory)]`` of the adapters a save holds: the one at the top (name None, when
+    there is one) and the further named adapters in sub-folders named after them (the layout of
+    AdapterCheckpoint and of PEFT's ``save_pretrained`` with several adapters)."""
+    directory = Path(path)
+    subfolders = sorted(p for p in directory.iterdir() if (p / CONFIG_NAME).is_file()) if directory.is_dir() else []
+    if subfolders and not (directory / CONFIG_NAME).is_file():  # PEFT saved only non-default adapters
+        return [(p.name, p) for p in subfolders]
+    return [(None, adapter_directory(directory))] + [(p.name, p) for p in subfolders]
+
+
+def inspect_adapters(directory: str | Path, energy: float = 0.9) -> list[AdapterSummary]:
+    """:func:`inspect_adapter` for every adapter of a save: the top one, then each named sub-folder."""
+    return [inspect_adapter(path, energy, name=name) for name, path in named_adapter_directories(directory)]
+
+
+def inspect_adapter(directory: str | Path, energy: float = 0.9, name: str | None = None) -> AdapterSummary:
+    """Read one adapter directory of any method (ours or HF PEFT's; no base model needed) and
+    measure it: tensor counts per kind and per module, and for LoRA the rank spectrum per layer."""
     if not 0 < energy <= 1:
         raise CLIError(f"--energy {energy}: give the share of the spectrum's energy, in (0, 1], e.g. 0.9.")
     directory = adapter_directory(directory)
@@ -164,18 +208,33 @@ def inspect_adapter(directory: str | Path, energy: float = 0.9) -> AdapterSummar
         raw = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         raise CLIError(f"{config_path} is not valid JSON ({err}).") from None
-    config = LoraConfig.from_dict(raw, source=str(config_path))
+    if not isinstance(raw, dict):
+        raise CLIError(f"{config_path} holds a JSON {type(raw).__name__}, not the object of an adapter config.")
+    config = config_from_dict(raw, source=str(config_path))
     tensors = _read_weights(directory, allow_pickle=False)
     counts: dict[str, list[int]] = {}
+    modules: dict[str, list] = {}
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         kind, path = _kind(key.removeprefix(KEY_PREFIX), config)
+        size = (tensor.numel(), tensor.numel() * tensor.element_size())
         count = counts.setdefault(kind, [0, 0, 0])
-        count[0] += 1
-        count[1] += tensor.numel()
-        count[2] += tensor.numel() * tensor.element_size()
+        count[0], count[1], count[2] = count[0] + 1, count[1] + size[0], count[2] + size[1]
+        group = modules.setdefault(_module_group(path), [set(), 0, 0, 0])
+        group[0].add(path)
+        group[1], group[2], group[3] = group[1] + 1, group[2] + size[0], group[3] + size[1]
         if kind in ("lora_A", "lora_B"):
             factors.setdefault(path, {})[kind] = tensor
+    layers = _spectra(directory, config, factors, energy) if isinstance(config, LoraConfig) else []
+    ordered = {kind: tuple(counts[kind]) for kind in KINDS if kind in counts}
+    per_module = {group: (len(numbers[0]), *numbers[1:]) for group, numbers in
+                  sorted(modules.items(), key=lambda item: _natural(item[0]))}
+    return AdapterSummary(directory, raw, ordered, layers, energy, name=name, method=config.peft_type,
+                          modules=per_module)
+
+
+def _spectra(directory: Path, config: LoraConfig, factors: dict[str, dict[str, torch.Tensor]],
+             energy: float) -> list[LayerSpectrum]:
     layers = []
     for path in sorted(factors, key=_natural):
         pair = factors[path]
@@ -187,8 +246,7 @@ def inspect_adapter(directory: str | Path, energy: float = 0.9) -> AdapterSummar
         scaling = lora_scaling(_pattern_value(config.alpha_pattern, path, config.lora_alpha), r, config.use_rslora)
         sigma = factor_singular_values(A, B, scaling)
         layers.append(LayerSpectrum(path, r, scaling, sigma, effective_rank(sigma, energy)))
-    ordered = {kind: tuple(counts[kind]) for kind in KINDS if kind in counts}
-    return AdapterSummary(directory, raw, ordered, layers, energy)
+    return layers
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -199,11 +257,43 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _method_label(summary: AdapterSummary) -> str:
+    label = METHODS.get(summary.method, summary.method)
+    return "DoRA" if summary.method == "LORA" and summary.config.get("use_dora") else label
+
+
+def _adapter_title(summary: AdapterSummary) -> str:
+    where = "top level" if summary.name is None else f"adapter {summary.name!r}"
+    return f"{where}: {summary.directory} ({_method_label(summary)})"
+
+
+def print_summaries(summaries: list[AdapterSummary], console: Console | None = None) -> None:
+    """One adapter: its tables. Several (named adapters in sub-folders): a list, then each one's tables."""
+    console = console or Console()
+    if len(summaries) > 1:
+        listing = Table(title=f"{len(summaries)} adapters: the top level and named sub-folders")
+        for column in ("adapter", "method", "where", "tensors", "parameters"):
+            listing.add_column(column, justify="right" if column in ("tensors", "parameters") else "left",
+                               overflow="fold")
+        for summary in summaries:
+            totals = [sum(column) for column in zip(*summary.counts.values())] or [0, 0, 0]
+            where = str(summary.directory) if summary.name is None else f"{summary.name}/"
+            listing.add_row("(top level)" if summary.name is None else summary.name, _method_label(summary),
+                            where, f"{totals[0]:,}", f"{totals[1]:,}")
+        console.print(listing)
+    for summary in summaries:
+        if len(summaries) > 1:
+            console.rule(_adapter_title(summary))
+        print_summary(summary, console)
+
+
 def print_summary(summary: AdapterSummary, console: Console | None = None) -> None:
     console = console or Console()
     config = Table(title=f"{summary.directory / CONFIG_NAME}", show_header=False)
     config.add_column("field")
     config.add_column("value", overflow="fold")
+    config.add_row("method", _method_label(summary))
+    config.add_section()
     for key in sorted(summary.config):
         if summary.config[key] not in (None, {}, [], ""):
             config.add_row(key, _short(summary.config[key]))
@@ -218,6 +308,15 @@ def print_summary(summary: AdapterSummary, console: Console | None = None) -> No
     counts.add_row("total", *(f"{sum(column):,}" for column in zip(*summary.counts.values())))
     console.print(counts)
 
+    modules = Table(title="the same, per module (layer numbers as *)")
+    for column in ("module", "modules", "tensors", "parameters", "bytes"):
+        modules.add_column(column, justify="left" if column == "module" else "right", no_wrap=column == "module")
+    for group, numbers in summary.modules.items():
+        modules.add_row(group, *(f"{n:,}" for n in numbers))
+    console.print(modules)
+
+    if summary.method != "LORA":
+        return  # the rank spectrum is LoRA's: the other methods have no low-rank factors
     if not summary.layers:
         console.print("no LoRA layers in this adapter")
         return
@@ -248,7 +347,7 @@ def _spectrum_caption(summary: AdapterSummary, ranks: list[int]) -> str:
 
 
 def command_inspect(args: argparse.Namespace) -> None:
-    print_summary(inspect_adapter(args.directory, energy=args.energy))
+    print_summaries(inspect_adapters(args.directory, energy=args.energy))
 
 
 # --------------------------------------------------------------------------------------- merge
@@ -311,8 +410,26 @@ def _import_object(spec: str) -> Any:
     return obj
 
 
+# prompt / prefix tuning add virtual tokens, bottleneck adapters are nonlinear: no merged weights exist
+UNMERGEABLE = {"PROMPT_TUNING": "adds virtual tokens", "PREFIX_TUNING": "adds virtual keys and values",
+               "BOTTLENECK": "is a nonlinear block"}
+
+
+def _refuse_unmergeable(adapter: Path) -> None:
+    """Refuse a method that cannot be merged before the (possibly large) base is loaded."""
+    try:
+        peft_type = json.loads((adapter / CONFIG_NAME).read_text()).get("peft_type")
+    except (json.JSONDecodeError, AttributeError):
+        return  # load_adapter reports a broken config with its own message
+    if peft_type in UNMERGEABLE:
+        raise CLIError(f"--adapter {adapter} is a {METHODS[peft_type]} adapter, which {UNMERGEABLE[peft_type]}: it "
+                       f"cannot be folded into the base weights. Serve it as an adapter instead "
+                       f"(lightning_peft.load_adapter(base, '{adapter}')).")
+
+
 def command_merge(args: argparse.Namespace) -> None:
     adapter = adapter_directory(args.adapter, "--adapter")
+    _refuse_unmergeable(adapter)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} is a file; give a directory for model.safetensors.")
@@ -358,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
         commands.add_parser(name, add_help=False, help=f"LightningCLI {name} (--config cfg.yaml, --model.*, "
                                                        f"--trainer.*); see lightning-peft {name} --help")
 
-    inspect = commands.add_parser("inspect", help="config, tensor counts and rank spectrum of an adapter directory",
+    inspect = commands.add_parser("inspect", help="config, tensor counts (and LoRA rank spectra) of an adapter directory",
                                   description="Read an adapter directory (adapter_config.json + "
                                               "adapter_model.safetensors) without the base model.")
     inspect.add_argument("directory", help="the adapter directory")
