@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 import lightning_peft as lp
 from lightning_peft.callbacks.epoch_guard import EpochGuard
 from lightning_peft.callbacks.overfitting_guard import OverfittingGuard
-from lightning_peft.checkpoint import adapter_tensors
+from lightning_peft.inject import adapter_parameters
 from plain_module import CausalLM, sequences
 
 VOCAB, MAX_EPOCHS = 32, 30
@@ -80,7 +80,8 @@ def noisy_label_data(n=16, seq=16, noise=0.5):
 
 
 def _adapters(module):
-    return {k: t.detach().clone() for k, t in adapter_tensors(module, "default").items()}
+    """The tensors that train, by state-dict name (what the guard copies)."""
+    return {k: t.detach().clone() for k, t in adapter_parameters(module, "default").items()}
 
 
 @pytest.fixture(scope="module")

@@ -133,8 +133,8 @@ class AdapterSummary:
 # key suffix -> kind; one kind per tensor of each method (the file formats of docs/methods.md)
 _SUFFIXES = {".lora_A.weight": "lora_A", ".lora_embedding_A": "lora_A", ".lora_B.weight": "lora_B",
              ".lora_embedding_B": "lora_B", ".lora_magnitude_vector": "magnitude", ".ia3_l": "ia3_l",
-             ".bitfit_bias": "bitfit_bias", ".adapter_down.weight": "adapter_down", ".adapter_down.bias": "adapter_down",
-             ".adapter_up.weight": "adapter_up", ".adapter_up.bias": "adapter_up"}
+             ".bitfit_bias": "bitfit_bias", ".adapter_down.weight": "adapter_down",
+             ".adapter_down.bias": "adapter_down", ".adapter_up.weight": "adapter_up", ".adapter_up.bias": "adapter_up"}
 PROMPT_KEY = "prompt_embeddings"  # prompt and prefix tuning: one model-level tensor, no module path
 KINDS = ("lora_A", "lora_B", "magnitude", "ia3_l", "bitfit_bias", "adapter_down", "adapter_up", PROMPT_KEY,
          "modules_to_save", "bias", "other")
@@ -475,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
         commands.add_parser(name, add_help=False, help=f"LightningCLI {name} (--config cfg.yaml, --model.*, "
                                                        f"--trainer.*); see lightning-peft {name} --help")
 
-    inspect = commands.add_parser("inspect", help="config, tensor counts (and LoRA rank spectra) of an adapter directory",
+    inspect = commands.add_parser("inspect", help="config, tensor counts (LoRA: rank spectra) of an adapter directory",
                                   description="Read an adapter directory (adapter_config.json + "
                                               "adapter_model.safetensors) without the base model.")
     inspect.add_argument("directory", help="the adapter directory")

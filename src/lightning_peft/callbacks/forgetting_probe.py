@@ -62,6 +62,8 @@ def causal_lm_token_losses(pl_module: pl.LightningModule, batch: Any) -> torch.T
     output, if a tensor) ``[B, T, V]`` predict the labels shifted by one. ``batch`` is either a
     LongTensor of token ids ``[B, T]`` (labels = the ids) or a dict with ``input_ids`` and optionally
     ``attention_mask`` (masked positions are not scored) and ``labels`` (``-100`` = not scored).
+    Under prompt tuning the logits are longer, ``[B, P + T, V]`` (the ``P`` virtual tokens come
+    first): the last ``T`` positions are scored, so that the same tokens are scored as for the base.
     """
     if isinstance(batch, torch.Tensor):
         input_ids, labels, kwargs = batch, batch, {}
@@ -75,7 +77,7 @@ def causal_lm_token_losses(pl_module: pl.LightningModule, batch: Any) -> torch.T
                         f"or pass loss_fn=... to score your own batches.")
     model = adapter_owner(pl_module) or pl_module
     out = model(input_ids=input_ids, **kwargs)
-    logits = getattr(out, "logits", out)
+    logits = getattr(out, "logits", out)[:, -input_ids.shape[1]:]  # drop prompt tuning's virtual positions
     targets = labels[:, 1:].reshape(-1)
     losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets,
                              ignore_index=-100, reduction="none")

@@ -9,6 +9,12 @@ replaced by ``nn.Linear``/the original modules, every tensor from the file, stri
 fp32 on a probe batch, and compared with the adapted model's output (its 4-bit layers computing
 in fp32 for the occasion, so that bf16 matmul rounding is not taken for an export error). A rich table shows the
 errors; beyond the tolerance the callback raises.
+
+Not every method can be merged: prompt and prefix tuning add virtual tokens and bottleneck adapters
+are nonlinear, so ``export_merged`` refuses them. The callback checks at fit start (after the
+strategy injected the adapters, before the first step), so that a run is not spent on an export
+that cannot happen; (IA)^3 and BitFit merge like LoRA. BitFit gives layers without a bias (Llama's
+projections) a merged bias, and the plain copy used for verification gets those biases too.
 """
 
 from __future__ import annotations
@@ -25,8 +31,8 @@ from rich.table import Table
 from safetensors.torch import load_file
 from torch import nn
 
-from ..inject import adapter_configs, adapter_owner
-from ..merge import export_merged
+from ..inject import adapter_configs, adapter_modules, adapter_owner
+from ..merge import _refuse_unmergeable, _resolve, export_merged
 from ..methods import AdapterModule
 from ..quantize import is_quantized
 
@@ -49,10 +55,22 @@ def _unwrap_children(module: nn.Module) -> None:
         _unwrap_children(plain)
 
 
+def _add_merged_biases(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """A merged BitFit export holds ``<layer>.bias`` for layers built without a bias (Llama's
+    projections): give those layers of the plain copy a (meta) bias to load it into."""
+    modules = dict(model.named_modules())
+    for key, tensor in weights.items():
+        path, _, leaf = key.rpartition(".")
+        module = modules.get(path)
+        if leaf == "bias" and module is not None and "bias" in module._parameters and module.bias is None:
+            module.bias = nn.Parameter(torch.empty(tensor.shape, device="meta"), requires_grad=False)
+
+
 def plain_copy(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
     """The architecture of ``model`` without lightning-peft: adapter modules give way to the
-    module they wrap, 4-bit/8-bit layers to ``nn.Linear``, and every tensor comes from ``weights``
-    (strict: a missing or extra key raises). fp32, on the CPU."""
+    module they wrap, 4-bit/8-bit layers to ``nn.Linear`` (with a bias where ``weights`` has one:
+    merged BitFit), and every tensor comes from ``weights`` (strict: a missing or extra key
+    raises). fp32, on the CPU."""
     # copy the structure, not the data: every tensor becomes an empty meta tensor in the copy
     # (non-persistent buffers, such as rotary frequencies, are not in the file: those are copied)
     memo: dict[int, Any] = {id(p): nn.Parameter(torch.empty(p.shape, device="meta"), requires_grad=False)
@@ -63,6 +81,7 @@ def plain_copy(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
                 memo[id(buffer)] = torch.empty(buffer.shape, dtype=buffer.dtype, device="meta")
     skeleton = copy.deepcopy(model, memo)
     _unwrap_children(skeleton)
+    _add_merged_biases(skeleton, weights)
     state = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
     skeleton.load_state_dict(state, strict=True, assign=True)
     return skeleton.eval()
@@ -110,15 +129,35 @@ class MergeAdapters(Callback):
         self.export_path: Path | None = None
         self.errors: dict[str, float] = {}
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._check_mergeable(pl_module)  # the strategy injected the adapters in its setup, before this
+
     def on_fit_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
             self._export_and_verify(trainer, pl_module)
         trainer.strategy.barrier("MergeAdapters.on_fit_end")
 
-    def _export_and_verify(self, trainer, pl_module) -> None:
+    def _check_mergeable(self, pl_module) -> None:
+        """Raise now, before training, if the adapter to export is missing or cannot be merged."""
         if not adapter_configs(pl_module):
             raise RuntimeError("MergeAdapters found no adapters to merge; use a lightning-peft strategy or "
                                "lightning_peft.inject_adapters on the LightningModule's model.")
+        model = adapter_owner(pl_module)
+        name = _resolve(model, self.adapter_name)
+        try:
+            _refuse_unmergeable(model, name)
+        except ValueError:
+            methods = sorted({m.method_name(name) for _, m in adapter_modules(model) if name in m.adapter_names()})
+            raise RuntimeError(
+                f"MergeAdapters cannot export adapter {name!r}: it is a {' + '.join(methods)} adapter, which cannot be "
+                f"folded into the base weights (prompt and prefix tuning add virtual tokens, bottleneck adapters "
+                f"are nonlinear); only LoRA, DoRA, (IA)^3 and BitFit merge. Checked at fit start, so no training is "
+                f"spent on it. Remove MergeAdapters and keep the adapter: AdapterCheckpoint(dirpath=...) saves it "
+                f"during training, lightning_peft.save_adapter(model, directory) after the fit, and "
+                f"lightning_peft.load_adapter(base_model, directory) serves it.") from None
+
+    def _export_and_verify(self, trainer, pl_module) -> None:
+        self._check_mergeable(pl_module)  # again: adapters may have changed during the fit
         model = adapter_owner(pl_module)
         self.export_path = export_merged(model, self.output_dir, dtype=self.dtype, adapter_name=self.adapter_name)
         if self.verify:

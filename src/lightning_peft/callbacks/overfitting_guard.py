@@ -15,10 +15,14 @@ batch, too noisy to compare, and an epoch-level value is only updated after the 
 validation). Rising validation loss with a rising training loss is divergence, not overfitting:
 it resets the count.
 
-Whenever ``val_i`` is the lowest so far, every adapter's tensors are copied to the CPU (an adapter
-is a small fraction of the model). When training ends after the guard asked to stop, the copies
-are written back into the live tensors in place, so the LightningModule leaves ``fit`` holding the
-adapters of the best evaluation. A fit that ends for another reason is left as it is.
+Whenever ``val_i`` is the lowest so far, the tensors that train with each adapter are copied to the
+CPU (an adapter is a small fraction of the model): :func:`lightning_peft.inject.adapter_parameters`,
+keyed by state-dict name. Those are not always the tensors of the adapter file: a prefix trained
+through its MLP (``PrefixTuningConfig(projection=True)``) is saved as ``P = MLP(E)``, a value
+computed on each call, so writing into it would change nothing; ``E`` and the MLP are what is
+copied and restored. When training ends after the guard asked to stop, the copies are written back
+into the live tensors in place, so the LightningModule leaves ``fit`` holding the adapters of the
+best evaluation. A fit that ends for another reason is left as it is.
 """
 
 from __future__ import annotations
@@ -32,7 +36,11 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from ..checkpoint import adapter_tensors, check_tensors_fit
-from ..inject import adapter_configs
+from ..inject import adapter_configs, adapter_parameters
+
+# What the best copy is keyed by: state-dict names of the training tensors. Checkpoints of earlier
+# versions hold adapter-file keys ("file"); those still restore (the same tensors, except a prefix MLP).
+COPY_KEYS = "parameters"
 
 
 class OverfittingGuard(Callback):
@@ -87,6 +95,7 @@ class OverfittingGuard(Callback):
         self.stopped_epoch: int | None = None
         self.restored = False
         self._best_adapters: dict[str, dict[str, torch.Tensor]] = {}  # adapter name -> {key: CPU copy}
+        self._copy_keys = COPY_KEYS
         self._train_sum: torch.Tensor | float = 0.0  # train_monitor values since the last evaluation
         self._train_count = 0
 
@@ -128,7 +137,7 @@ class OverfittingGuard(Callback):
             self.wait_count = self.wait_count + 1 if rose and fell else 0
         if val < self.best_score:
             self.best_score, self.best_epoch = val, trainer.current_epoch
-            self._best_adapters = _copy_adapters(pl_module)
+            self._best_adapters, self._copy_keys = _copy_adapters(pl_module), COPY_KEYS
         entry = {"epoch": trainer.current_epoch, "monitor": val, "train_monitor": train}
         self.history = (self.history + [entry])[-(self.patience + 1):]
 
@@ -163,7 +172,8 @@ class OverfittingGuard(Callback):
         return val, (train[0] if train else None)
 
     def _restore_best(self, pl_module) -> None:
-        live = {name: adapter_tensors(pl_module, name) for name in adapter_configs(pl_module)}
+        tensors = adapter_parameters if self._copy_keys == COPY_KEYS else adapter_tensors
+        live = {name: tensors(pl_module, name) for name in adapter_configs(pl_module)}
         if live.keys() != self._best_adapters.keys():
             raise RuntimeError(f"OverfittingGuard kept adapters {sorted(self._best_adapters)} but the model has "
                                f"{sorted(live)}; restore the adapter set the run was trained with.")
@@ -193,7 +203,7 @@ class OverfittingGuard(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"best_score": self.best_score, "best_epoch": self.best_epoch, "wait_count": self.wait_count,
                 "history": [dict(entry) for entry in self.history], "stopped_epoch": self.stopped_epoch,
-                "best_adapters": self._best_adapters, "train_sum": float(self._train_sum),
+                "best_adapters": self._best_adapters, "keys": self._copy_keys, "train_sum": float(self._train_sum),
                 "train_count": self._train_count}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -204,13 +214,16 @@ class OverfittingGuard(Callback):
         self.stopped_epoch = state_dict["stopped_epoch"]
         self._best_adapters = {name: {key: tensor.cpu() for key, tensor in tensors.items()}
                                for name, tensors in state_dict["best_adapters"].items()}
+        self._copy_keys = state_dict.get("keys", "file")
         self._train_sum = state_dict["train_sum"]
         self._train_count = state_dict["train_count"]
 
 
 def _copy_adapters(pl_module) -> dict[str, dict[str, torch.Tensor]]:
-    """A CPU copy of every adapter's tensors: ``{adapter name: {key in the PEFT file: tensor}}``."""
-    return {name: {key: t.detach().to("cpu", copy=True) for key, t in adapter_tensors(pl_module, name).items()}
+    """A CPU copy of the tensors that train with each adapter: ``{adapter name: {state-dict name:
+    tensor}}`` (LoRA factors, DoRA magnitudes, ``modules_to_save`` copies, freed biases, (IA)^3
+    vectors, BitFit shifts, bottleneck layers, prompt embeddings, a prefix's embedding and MLP)."""
+    return {name: {key: t.detach().to("cpu", copy=True) for key, t in adapter_parameters(pl_module, name).items()}
             for name in adapter_configs(pl_module)}
 
 

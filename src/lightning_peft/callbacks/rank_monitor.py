@@ -26,10 +26,12 @@ from rich.console import Console
 from rich.table import Table
 
 from ..atomic import atomic_write
-from ..inject import adapter_modules
+from ..inject import adapter_configs, adapter_modules
 from ..methods import LoraLayer
 
 TOP_VALUES_SHOWN = 5
+METHOD_NAMES = {"ia3": "(IA)^3", "bitfit": "BitFit", "prompt": "prompt tuning", "prefix": "prefix tuning",
+                "bottleneck": "a bottleneck adapter"}
 
 
 def factor_singular_values(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -89,6 +91,9 @@ class RankMonitor(Callback):
         self.suggestion: str | None = None
 
     # ------------------------------------------------------------------------------------ hooks
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._lora_layers(pl_module)  # refuse a model without LoRA now, not at the first measurement
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self._due(trainer.global_step):
@@ -112,12 +117,23 @@ class RankMonitor(Callback):
         # several batches share a step under gradient accumulation; step 0 is the untrained B = 0
         return step > 0 and step % self.every_n_steps == 0 and self.steps[-1:] != [step]
 
-    def _measure(self, pl_module: pl.LightningModule, step: int, log: bool) -> None:
+    def _lora_layers(self, pl_module: pl.LightningModule) -> list[tuple[str, LoraLayer]]:
         layers = [(path, m) for path, m in adapter_modules(pl_module)
                   if isinstance(m, LoraLayer) and m.active_adapter in m.scaling]
-        if not layers:
-            raise RuntimeError("RankMonitor found no LoRA layers with an active adapter in the LightningModule; use "
-                               "a lightning-peft strategy (e.g. strategy='lora') or lightning_peft.inject_adapters.")
+        if layers:
+            return layers
+        active = {m.active_adapter: m.method_name(m.active_adapter) for _, m in adapter_modules(pl_module)
+                  if m.active_adapter in m.adapter_names()}
+        if adapter_configs(pl_module) and active:
+            other = ", ".join(f"{name!r} is {METHOD_NAMES.get(method, method)}" for name, method in active.items())
+            raise RuntimeError(f"RankMonitor measures the rank of LoRA updates (s B A), but the active adapter {other}, "
+                               f"which has no low-rank factors: remove RankMonitor from the callbacks for this run, or "
+                               f"train a LoraConfig adapter.")
+        raise RuntimeError("RankMonitor found no LoRA layers with an active adapter in the LightningModule; use "
+                           "a lightning-peft strategy (e.g. strategy='lora') or lightning_peft.inject_adapters.")
+
+    def _measure(self, pl_module: pl.LightningModule, step: int, log: bool) -> None:
+        layers = self._lora_layers(pl_module)
         self.steps.append(step)
         for path, layer in layers:
             sigma = delta_singular_values(layer, layer.active_adapter)
