@@ -14,7 +14,8 @@ the same batch in the same run:
 PEFT loads the adapters ours saved (identical weights; the script checks that every method's
 logits agree). Methods are interleaved round-robin, the first method rotating per round; the
 first ``--warmup`` rounds are dropped and the median of the next ``--steps`` is reported; ratios
-divide medians of the same run by the floor's.
+divide medians of the same run by the floor's ("/ floor"), and "per round" is the median of each
+round's own method / floor ratio (the two ran seconds apart: steadier on a busy machine).
 
     python benchmarks/multi_adapter.py                 # full size: 32 x 16 and 32 x 128 tokens
     python benchmarks/multi_adapter.py --quick         # smoke test, a few seconds
@@ -121,15 +122,18 @@ def time_methods(fns: dict, warmup: int, steps: int, verbose: bool) -> dict[str,
 
 
 def table(rows: list[tuple[int, int, dict]]) -> str:
-    lines = ["| requests x tokens | method | median ms | p25-p75 ms | / floor | note |",
-             "|---|---|---:|---:|---:|---|"]
+    """``/ floor``: median over median; ``per round``: the median of the rounds' own ratios (the
+    floor and the method ran back to back, so a busy machine disturbs this one less)."""
+    lines = ["| requests x tokens | method | median ms | p25-p75 ms | / floor | per round | note |",
+             "|---|---|---:|---:|---:|---:|---|"]
     for requests, seq, times in rows:
         floor = statistics.median(times["floor"])
         for m in METHODS:
             med = statistics.median(times[m])
             q1, _, q3 = statistics.quantiles(times[m], n=4) if len(times[m]) > 1 else (med, med, med)
+            paired = statistics.median(t / f for t, f in zip(times[m], times["floor"]))
             lines.append(f"| {requests} x {seq} | {m} | {med * 1e3:.1f} | {q1 * 1e3:.1f}-{q3 * 1e3:.1f} | "
-                         f"{med / floor:.2f} | {TARGETS.get(m, '')} |")
+                         f"{med / floor:.2f} | {paired:.2f} | {TARGETS.get(m, '')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -368,7 +368,12 @@ class LoraLayer(AdapterModule):
             shrunk = torch.bmm(h.reshape(rows, -1, self.in_features), A_stack.index_select(0, index))
         B_rows = B_stack.index_select(0, index)
         if not uses_dora and result.dtype == B_rows.dtype:  # y = result + shrunk @ B in one pass
-            return torch.baddbmm(result.reshape(rows, -1, self.out_features), shrunk, B_rows).view(result.shape)
+            flat = result.reshape(rows, -1, self.out_features)
+            if torch.is_grad_enabled():
+                return torch.baddbmm(flat, shrunk, B_rows).view(result.shape)
+            # inference: accumulate into the base output (a fresh tensor of the base layer), saving
+            # a copy of the whole output per layer (~4% of a forward at 16 tokens per row)
+            return flat.baddbmm_(shrunk, B_rows).view(result.shape)
         lora = torch.bmm(shrunk, B_rows).view(result.shape).to(result.dtype)
         if not uses_dora:
             return result + lora
