@@ -95,6 +95,31 @@ def test_merge_adapters_unknown_adapter_name_at_fit_start(tmp_path):
     assert module.losses == []
 
 
+class LoraAndPrompt(CausalLM):
+    """LoRA "default" (trained, merged) beside an inactive prompt-tuning adapter "p"."""
+
+    def __init__(self):
+        super().__init__()
+        lp.inject_adapters(self.model, lp.LoraConfig(r=4, lora_dropout=0.0))
+        lp.inject_adapters(self.model, lp.PromptTuningConfig(num_virtual_tokens=4), adapter_name="p")
+        lp.set_adapter(self.model, "default")
+
+
+def test_merge_adapters_verifies_beside_a_model_level_adapter(tmp_path):
+    """The plain copy drops the prompt module (it wraps nothing) and leaves the live model's alone."""
+    module = LoraAndPrompt()
+    merge = MergeAdapters(output_dir=tmp_path, dtype=torch.float32)
+    _trainer([merge], max_steps=3).fit(module, sequences(n=32))
+    assert merge.errors["rel"] <= 1e-5, merge.errors
+    plain = CausalLM(seed=5).model.eval()
+    plain.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=True)
+    model = module.model.eval()
+    with torch.no_grad():
+        assert rel_err(plain(PROBE).logits, model(PROBE).logits) <= 1e-5
+        with lp.use_adapter(model, "p"):  # the live prompt adapter still prepends its 4 tokens
+            assert model(PROBE).logits.shape[1] == 4 + PROBE.shape[1]
+
+
 # ------------------------------------------------------------------------------- OverfittingGuard
 class ScriptedValidation(CausalLM):
     """Real training; the validation loss is scripted, lowest at epoch 2, then rising, so that the

@@ -48,7 +48,11 @@ def _plain_module(module: nn.Module) -> nn.Module:
 
 
 def _unwrap_children(module: nn.Module) -> None:
-    for name, child in module.named_children():
+    for name, child in list(module.named_children()):
+        if isinstance(child, AdapterModule) and child.wrapped_attr is None:  # prompt / prefix: wraps nothing
+            child.disabled = True  # its forward pre-hook, copied onto the parent too, becomes a no-op
+            delattr(module, name)
+            continue
         plain = _plain_module(child)
         if plain is not child:
             setattr(module, name, plain)
@@ -68,7 +72,7 @@ def _add_merged_biases(model: nn.Module, weights: dict[str, torch.Tensor]) -> No
 
 def plain_copy(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
     """The architecture of ``model`` without lightning-peft: adapter modules give way to the
-    module they wrap, 4-bit/8-bit layers to ``nn.Linear`` (with a bias where ``weights`` has one:
+    module they wrap (a model-level prompt / prefix module, which wraps nothing, is dropped), 4-bit/8-bit layers to ``nn.Linear`` (with a bias where ``weights`` has one:
     merged BitFit), and every tensor comes from ``weights`` (strict: a missing or extra key
     raises). fp32, on the CPU."""
     # copy the structure, not the data: every tensor becomes an empty meta tensor in the copy
