@@ -72,9 +72,9 @@ def _add_merged_biases(model: nn.Module, weights: dict[str, torch.Tensor]) -> No
 
 def plain_copy(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
     """The architecture of ``model`` without lightning-peft: adapter modules give way to the
-    module they wrap (a model-level prompt / prefix module, which wraps nothing, is dropped), 4-bit/8-bit layers to ``nn.Linear`` (with a bias where ``weights`` has one:
-    merged BitFit), and every tensor comes from ``weights`` (strict: a missing or extra key
-    raises). fp32, on the CPU."""
+    module they wrap (a model-level prompt / prefix module, which wraps nothing, is dropped),
+    4-bit/8-bit layers to ``nn.Linear`` (with a bias where ``weights`` has one: merged BitFit), and
+    every tensor comes from ``weights`` (strict: a missing or extra key raises). fp32, on the CPU."""
     # copy the structure, not the data: every tensor becomes an empty meta tensor in the copy
     # (non-persistent buffers, such as rotary frequencies, are not in the file: those are copied)
     memo: dict[int, Any] = {id(p): nn.Parameter(torch.empty(p.shape, device="meta"), requires_grad=False)
