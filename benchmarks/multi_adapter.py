@@ -10,6 +10,8 @@ the same batch in the same run:
     PEFT mixed        HF PEFT, ``model(input_ids, adapter_names=ids)``
     PEFT one adapter  HF PEFT, the whole batch through one adapter (PEFT's own floor)
     set_adapter loop  ours, per adapter: ``set_adapter``, forward its rows, scatter them back
+    use_adapter loop  the same with ``use_adapter`` (switches the active adapter only; set_adapter
+                      also re-freezes every parameter)
 
 PEFT loads the adapters ours saved (identical weights; the script checks that every method's
 logits agree). Methods are interleaved round-robin, the first method rotating per round; the
@@ -36,7 +38,7 @@ from lora_step import FULL, QUICK, build_model  # noqa: E402  (sets HF offline, 
 
 import torch  # noqa: E402
 
-METHODS = ("floor", "ours mixed", "PEFT mixed", "PEFT one adapter", "set_adapter loop")
+METHODS = ("floor", "ours mixed", "PEFT mixed", "PEFT one adapter", "set_adapter loop", "use_adapter loop")
 TARGETS = {"ours mixed": "target <= 1.05", "PEFT mixed": "~1.15 expected", "set_adapter loop": "~1.65 expected"}
 
 
@@ -92,15 +94,25 @@ def runners(ours, theirs, names: list[str], input_ids: torch.Tensor) -> dict:
         lp.set_adapter(ours, names[0], trainable=False)
         return out
 
+    def use_loop():
+        out = None
+        for name, rows in groups.items():
+            with lp.use_adapter(ours, name):
+                logits = ours(input_ids=input_ids[rows]).logits
+            out = logits.new_empty(input_ids.shape + logits.shape[-1:]) if out is None else out
+            out[rows] = logits
+        return out
+
     return {"floor": floor, "ours mixed": mixed, "PEFT mixed": peft_mixed, "PEFT one adapter": peft_one,
-            "set_adapter loop": loop}
+            "set_adapter loop": loop, "use_adapter loop": use_loop}
 
 
 def check_agreement(fns: dict) -> float:
     """Max abs logit difference of the mixed methods from one another, and of the one-adapter
     methods from one another (both must be ~0: same weights, same function)."""
     out = {m: fn() for m, fn in fns.items()}
-    mixed = max((out[m] - out["ours mixed"]).abs().max().item() for m in ("PEFT mixed", "set_adapter loop"))
+    mixed = max((out[m] - out["ours mixed"]).abs().max().item()
+                for m in ("PEFT mixed", "set_adapter loop", "use_adapter loop"))
     single = (out["PEFT one adapter"] - out["floor"]).abs().max().item()
     return max(mixed, single)
 
