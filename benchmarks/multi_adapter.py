@@ -34,9 +34,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lora_step import FULL, QUICK, build_model  # noqa: E402  (sets HF offline, silences warnings)
-
-import torch  # noqa: E402
+import torch
+from lora_step import FULL, QUICK, build_model  # the LoRA step benchmark's model; sets HF offline
 
 METHODS = ("floor", "ours mixed", "PEFT mixed", "PEFT one adapter", "set_adapter loop", "use_adapter loop")
 TARGETS = {"ours mixed": "target <= 1.05", "PEFT mixed": "~1.15 expected", "set_adapter loop": "~1.65 expected"}

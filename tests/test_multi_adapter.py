@@ -6,11 +6,10 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from conftest import max_abs, realistic_adapter, tiny_gpt2, tiny_llama, token_batch
 from torch.utils.data import DataLoader
 
 import lightning_peft as lp
-from conftest import max_abs, realistic_adapter, tiny_gpt2, tiny_llama, token_batch
-from lightning_peft.inject import adapter_modules
 from lightning_peft.methods import LoraLayer
 
 # four adapters of different ranks and targets (embedding included; "d" is DoRA)
@@ -150,17 +149,14 @@ def test_without_ids_the_lora_forward_is_bit_identical():
 
 def test_bad_ids_are_refused_with_the_fix():
     model = _model(names=["a", "b"])
-    with pytest.raises(ValueError, match=r"does not have: \['zz'\]"):
-        with lp.adapter_ids(model, ["a", "zz"]):
-            pass
-    with pytest.raises(ValueError, match="one id per row"):
-        with torch.no_grad(), lp.adapter_ids(model, ["a", "b"]):
-            model(input_ids=token_batch(batch=3))
+    with pytest.raises(ValueError, match=r"does not have: \['zz'\]"), lp.adapter_ids(model, ["a", "zz"]):
+        pass
+    with pytest.raises(ValueError, match="one id per row"), torch.no_grad(), lp.adapter_ids(model, ["a", "b"]):
+        model(input_ids=token_batch(batch=3))
     assert all(m.row_adapters is None for m in model.modules() if isinstance(m, LoraLayer))
     lp.merge_adapters(model, "a")
-    with pytest.raises(RuntimeError, match="unmerge_adapters"):
-        with lp.adapter_ids(model, ["a", "b"]):
-            pass
+    with pytest.raises(RuntimeError, match="unmerge_adapters"), lp.adapter_ids(model, ["a", "b"]):
+        pass
 
 
 def test_other_adapter_modules_raise_or_run_the_base():
@@ -170,14 +166,32 @@ def test_other_adapter_modules_raise_or_run_the_base():
     lp.inject_adapters(model, lp.LoraConfig(r=4, init_lora_weights=False, target_modules=["v_proj"]), adapter_name="v")
     with torch.no_grad():
         model.lm_head.modules_to_save["head"].weight.mul_(2.0)
-    with pytest.raises(NotImplementedError, match=r"lm_head .*ModulesToSave.*\['head'\].*use_adapter"):
-        with lp.adapter_ids(model, ["head", "v"]):
-            pass
+    with pytest.raises(NotImplementedError, match=r"lm_head .*ModulesToSave.*\['head'\].*use_adapter"), lp.adapter_ids(model, ["head", "v"]):
+        pass
     input_ids = token_batch(batch=2)
     with torch.no_grad(), lp.adapter_ids(model, ["v", None]):  # lm_head holds neither: runs the original
         mixed = model(input_ids=input_ids).logits
     assert max_abs(mixed, _each_row_alone(model, input_ids, ["v", None])) <= 1e-5
     assert not model.lm_head.disabled
+
+
+def test_ia3_adapters_refuse_mixing_and_stay_off_for_other_rows():
+    model = tiny_llama()
+    lp.inject_adapters(model, lp.LoraConfig(r=4, init_lora_weights=False, target_modules=["q_proj", "o_proj"]),
+                       adapter_name="lo")
+    lp.inject_adapters(model, lp.IA3Config(), adapter_name="ia")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "ia3_l" in name:
+                param.mul_(1.5)
+    with pytest.raises(NotImplementedError, match=r"IA3Layer.*\['ia'\].*only LoRA layers"), lp.adapter_ids(model, ["ia", "lo"]):
+        pass
+    input_ids = token_batch(batch=2)
+    with torch.no_grad(), lp.adapter_ids(model, ["lo", None]):
+        mixed = model(input_ids=input_ids).logits
+    assert max_abs(mixed, _each_row_alone(model, input_ids, ["lo", None])) <= 1e-5
+    with pytest.raises(TypeError, match="IA3Config, not LoRA"):
+        lp.combine_adapters(model, ["lo", "ia"], [1, 1], new_name="x")
 
 
 class _Serving(L.LightningModule):

@@ -23,16 +23,30 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
 
-from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, _read_weights, adapter_tensors, check_tensors_fit
-from .inject import (CONFIGS_ATTR, _pattern_value, _refuse_if_merged, adapter_configs, adapter_modules,
-                     adapter_owner, inject_adapters)
+from .checkpoint import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    _read_weights,
+    adapter_tensors,
+    check_tensors_fit,
+)
+from .config import LoraConfig
+from .inject import (
+    CONFIGS_ATTR,
+    _pattern_value,
+    _refuse_if_merged,
+    adapter_configs,
+    adapter_modules,
+    adapter_owner,
+    inject_adapters,
+)
 from .methods import AdapterModule, LoraLayer
 from .methods.lora import lora_scaling
 
@@ -85,9 +99,9 @@ def adapter_ids(model: nn.Module, ids: Sequence[str | None]):
     wanted = {n for n in names if n is not None}
     lora_layers, others = [], []
     for module in _outer_adapter_modules(model):
+        if getattr(module, "merged", None):
+            _refuse_if_merged(model, "run a mixed-adapter batch")
         if isinstance(module, LoraLayer):
-            if module.merged:
-                _refuse_if_merged(model, "run a mixed-adapter batch")
             lora_layers.append(module)
         elif isinstance(module, AdapterModule):
             held = sorted(wanted.intersection(module.adapter_names()))
@@ -171,6 +185,9 @@ def combine_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[f
     if new_name in configs:
         raise ValueError(f"combine_adapters: an adapter named {new_name!r} exists already; pick another new_name.")
     for n in names:
+        if not isinstance(configs[n], LoraConfig):
+            raise TypeError(f"combine_adapters: adapter {n!r} is {type(configs[n]).__name__}, not LoRA; only LoRA "
+                             f"adapters combine (their deltas s B A add up).")
         if configs[n].use_dora or configs[n].modules_to_save:
             raise ValueError(f"combine_adapters: adapter {n!r} uses DoRA or modules_to_save; only the low-rank "
                              f"LoRA parts combine (a DoRA magnitude or a trained module copy has no weighted sum). "
