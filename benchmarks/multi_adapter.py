@@ -33,9 +33,10 @@ import tempfile
 import time
 from pathlib import Path
 
+# the LoRA step benchmark's model (importing lora_step also sets HF offline and silences warnings)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
-from lora_step import FULL, QUICK, build_model  # the LoRA step benchmark's model; sets HF offline
+from lora_step import FULL, QUICK, build_model
 
 METHODS = ("floor", "ours mixed", "PEFT mixed", "PEFT one adapter", "set_adapter loop", "use_adapter loop")
 TARGETS = {"ours mixed": "target <= 1.05", "PEFT mixed": "~1.15 expected", "set_adapter loop": "~1.65 expected"}
