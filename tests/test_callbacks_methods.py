@@ -30,14 +30,6 @@ from lightning_peft.checkpoint import adapter_tensors
 from plain_module import CausalLM, sequences
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _trainer(callbacks, strategy="auto", **kwargs):
     defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                     enable_model_summary=False, num_sanity_val_steps=0)

@@ -21,14 +21,6 @@ from lightning_peft.callbacks.review_samples import ReviewSamples
 from plain_module import CausalLM, sequences
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls on shared cores: threads only add overhead
-    yield
-    torch.set_num_threads(threads)
-
-
 def _trainer(callbacks, strategy="lora", **kwargs):
     defaults = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                     enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0)

@@ -16,16 +16,6 @@ from lightning_peft.callbacks.paged_optimizer import PagedOptimizer
 from plain_module import CausalLM, sequences
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: with two intra-op threads on a busy 2-core machine the file ran 44 s
-    instead of 6 s (threads waiting on each other), so use one here and put the setting back."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _trainer(strategy="auto", callbacks=(), **kwargs):
     defaults = dict(accelerator=os.environ.get("LP_TEST_ACCELERATOR", "cpu"), devices=1, logger=False,
                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .atomic import atomic_write
-from .config import config_from_dict
+from .config import AdapterConfig, config_from_dict
 from .inject import _inject, adapter_configs, adapter_modules, adapter_owner, adapter_parameters, delete_adapter, set_adapter
 
 CONFIG_NAME = "adapter_config.json"
@@ -113,6 +113,22 @@ def check_tensors_fit(expected: Mapping[str, torch.Tensor], loaded: Mapping[str,
     raise ValueError("\n".join(lines))
 
 
+def read_adapter_config(directory: Path, config_class: type[AdapterConfig] | None = None) -> AdapterConfig:
+    """The config in ``directory/adapter_config.json``, as the class its ``peft_type`` names (or as
+    ``config_class``); a missing file or invalid JSON is an error that says so."""
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not an adapter directory "
+                                f"(save_adapter or PEFT's save_pretrained write one).")
+    try:
+        data = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path} is not valid JSON ({err}).") from None
+    if config_class is not None:
+        return config_class.from_dict(data, source=str(config_path))
+    return config_from_dict(data, source=str(config_path))
+
+
 def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
                  trainable: bool = False, allow_pickle: bool = False) -> nn.Module:
     """Read an adapter directory (ours or HF PEFT's) into ``model`` in place and make it active.
@@ -123,14 +139,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     ``True`` makes it the only thing that trains. Returns ``model``.
     """
     directory = Path(directory)
-    config_path = directory / CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not an adapter directory "
-                                f"(save_adapter or PEFT's save_pretrained write one).")
-    try:
-        config = config_from_dict(json.loads(config_path.read_text()), source=str(config_path))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path} is not valid JSON ({err}).") from None
+    config = read_adapter_config(directory)
     loaded = _read_weights(directory, allow_pickle)
     # Injecting as the config says also redoes PiSSA's SVD split, which turns the base weights into
     # the residual the adapter was trained against (the file holds A and B, not the residual).

@@ -21,7 +21,6 @@ in place (same storage, no re-injection), so a compiled or captured model keeps 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -30,13 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    _read_weights,
-    adapter_tensors,
-    check_tensors_fit,
-)
+from .checkpoint import WEIGHTS_NAME, _read_weights, adapter_tensors, check_tensors_fit, read_adapter_config
 from .config import LoraConfig
 from .inject import (
     CONFIGS_ATTR,
@@ -240,14 +233,7 @@ def hot_swap_adapter(model: nn.Module, directory: str | os.PathLike, adapter_nam
                          f"{list(configs)}. Load the first one with lightning_peft.load_adapter.")
     _refuse_if_merged(model, "hot-swap an adapter")
     directory = Path(directory)
-    config_path = directory / CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not an adapter directory "
-                                f"(save_adapter or PEFT's save_pretrained write one).")
-    try:
-        config = type(configs[adapter_name]).from_dict(json.loads(config_path.read_text()), source=str(config_path))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path} is not valid JSON ({err}).") from None
+    config = read_adapter_config(directory, type(configs[adapter_name]))
     old = configs[adapter_name]
     if (getattr(config, "init_lora_weights", None) == "pissa") != (getattr(old, "init_lora_weights", None) == "pissa"):
         raise ValueError(f"hot_swap_adapter: one of {adapter_name!r} and {directory} is a PiSSA adapter and the other "
