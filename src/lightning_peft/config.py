@@ -12,6 +12,7 @@ Every adapter config is an :class:`AdapterConfig`: a ``peft_type`` (the key of
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import re
 import warnings
@@ -65,7 +66,7 @@ def _check_pattern(pattern: dict, field_name: str, kinds: tuple[type, ...]) -> d
     return dict(pattern)
 
 
-class AdapterConfig:
+class AdapterConfig(abc.ABC):
     """What every adapter config shares: ``peft_type``, ``to_dict`` (the ``adapter_config.json``
     content) and ``from_dict`` (ours or PEFT's file; unknown fields ignored with a warning)."""
 
@@ -75,8 +76,9 @@ class AdapterConfig:
     # PEFT fields this class lacks, at the value that means "off" (ignored without a warning)
     peft_off_values: ClassVar[dict[str, Any]] = {}
 
+    @abc.abstractmethod
     def to_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The ``adapter_config.json`` content, in PEFT's field names."""
 
     @classmethod
     def _from_peft(cls, data: dict[str, Any]) -> dict[str, Any]:
