@@ -49,10 +49,6 @@ class BitFitLayer(AdapterModule):
         self.merged: list[str] = []
         self.created_bias = False  # merge gave the base a bias it did not have: unmerge removes it
 
-    @classmethod
-    def from_layer(cls, base_layer: nn.Module) -> "BitFitLayer":
-        return base_layer if isinstance(base_layer, cls) else cls(base_layer)
-
     def adapter_names(self) -> list[str]:
         return list(self.bitfit_bias)
 

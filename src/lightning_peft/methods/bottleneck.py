@@ -54,10 +54,6 @@ class BottleneckLayer(AdapterModule):
         self.adapter_up = nn.ModuleDict()
         self.activation: dict[str, str] = {}
 
-    @classmethod
-    def from_layer(cls, base_layer: nn.Module) -> "BottleneckLayer":
-        return base_layer if isinstance(base_layer, cls) else cls(base_layer)
-
     def adapter_names(self) -> list[str]:
         return list(self.activation)
 

@@ -41,10 +41,6 @@ class IA3Layer(AdapterModule):
         self.feedforward: dict[str, bool] = {}
         self.merged: list[str] = []
 
-    @classmethod
-    def from_layer(cls, base_layer: nn.Module, fan_in_fan_out: bool = False) -> "IA3Layer":
-        return base_layer if isinstance(base_layer, cls) else cls(base_layer, fan_in_fan_out)
-
     # ------------------------------------------------------------------------------ adapters
     def adapter_names(self) -> list[str]:
         return list(self.ia3_l)
