@@ -233,7 +233,8 @@ def check_checkpoint_adapters(module: nn.Module, checkpoint: Mapping[str, Any]) 
     """Raise one clear error unless ``checkpoint["state_dict"]`` holds exactly ``module``'s adapter
     tensors with their shapes (the frozen base is not expected); names both adapter configs when
     the checkpoint records its own."""
-    own = {k: v for k, v in module.state_dict().items() if k in adapter_state_keys(module)}
+    keys = adapter_state_keys(module)  # once: it walks the whole model
+    own = {k: v for k, v in module.state_dict().items() if k in keys}
     saved = checkpoint.get(CHECKPOINT_KEY, {}).get("adapters")
     configs = {n: c.to_dict() for n, c in adapter_configs(module).items()}
     extra = (f"the checkpoint was written with adapter configs {saved}, this run uses {configs}."
@@ -263,10 +264,11 @@ def restore_adapters(module: nn.Module, checkpoint_path, quantize: bool = True) 
                          f"'{CHECKPOINT_KEY}' entry); load it with LightningModule.load_from_checkpoint alone.")
     if adapter_configs(module):
         raise RuntimeError("the module already has adapters; build a fresh one before restore_adapters.")
+    target = peft_target(module)  # chosen before injecting, as at setup
     if quantize and meta.get("quantization") and quant_config(module) is None:
-        quantize_base(peft_target(module), QuantConfig.from_dict(meta["quantization"]))
+        quantize_base(target, QuantConfig.from_dict(meta["quantization"]))
     for name, config in meta["adapters"].items():
-        inject_adapters(peft_target(module), config_from_dict(config, source=str(checkpoint_path)), name)
+        inject_adapters(target, config_from_dict(config, source=str(checkpoint_path)), name)
     check_checkpoint_adapters(module, checkpoint)
     module.load_state_dict(checkpoint["state_dict"], strict=False)
     set_adapter(module, next(iter(meta["adapters"])))
