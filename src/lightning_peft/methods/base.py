@@ -25,6 +25,7 @@ class AdapterModule(nn.Module, abc.ABC):
     method = "adapter"  # short name used by adapter_report
     wrapped_attr: str | None = "base_layer"  # the user's module this one wraps (None: wraps none)
     model_level = False  # True: file keys are global (``prompt_embeddings``), not under this module's path
+    adapter_stores: tuple[str, ...] = ()  # attributes keyed by adapter name (ParameterDict, ModuleDict, dict)
 
     def __getattr__(self, attr: str):
         # Model code reads attributes of the layer it built (``q_proj.weight.dtype``,
@@ -49,9 +50,14 @@ class AdapterModule(nn.Module, abc.ABC):
     def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
         """``{key in the PEFT file, relative to this module: tensor}`` for adapter ``name``."""
 
-    @abc.abstractmethod
     def remove_adapter(self, name: str) -> None:
-        """Drop adapter ``name`` and its tensors."""
+        """Drop adapter ``name`` and its tensors: its entry in each of ``adapter_stores``."""
+        for attr in self.adapter_stores:
+            store = getattr(self, attr)
+            if name in store:
+                del store[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
 
     def trainable_tensors(self, name: str) -> list[torch.Tensor]:
         """The tensors that train for adapter ``name``: those of :meth:`adapter_state`, unless the

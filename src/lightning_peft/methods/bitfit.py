@@ -36,6 +36,7 @@ class BitFitLayer(AdapterModule):
     """A frozen module plus named bias shifts added to its output."""
 
     method = "bitfit"
+    adapter_stores = ("bitfit_bias",)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -54,11 +55,6 @@ class BitFitLayer(AdapterModule):
 
     def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
         return {"bitfit_bias": self.bitfit_bias[name]}
-
-    def remove_adapter(self, name: str) -> None:
-        del self.bitfit_bias[name]
-        if self.active_adapter == name:
-            self.active_adapter = None
 
     def add_adapter(self, name: str) -> None:
         if name in self.bitfit_bias:

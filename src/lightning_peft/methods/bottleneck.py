@@ -41,6 +41,7 @@ class BottleneckLayer(AdapterModule):
     """A frozen block followed by named bottleneck adapters on its output."""
 
     method = "bottleneck"
+    adapter_stores = ("adapter_down", "adapter_up", "activation")
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -61,11 +62,6 @@ class BottleneckLayer(AdapterModule):
         down, up = self.adapter_down[name], self.adapter_up[name]
         return {"adapter_down.weight": down.weight, "adapter_down.bias": down.bias,
                 "adapter_up.weight": up.weight, "adapter_up.bias": up.bias}
-
-    def remove_adapter(self, name: str) -> None:
-        del self.adapter_down[name], self.adapter_up[name], self.activation[name]
-        if self.active_adapter == name:
-            self.active_adapter = None
 
     def add_adapter(self, name: str, reduction_factor: int, activation: str) -> None:
         """Create adapter ``name``: ``D`` with nn.Linear's default init, ``U = 0, e = 0``."""

@@ -24,6 +24,7 @@ class IA3Layer(AdapterModule):
     """A frozen ``nn.Linear`` / ``Conv1D`` (float or bitsandbytes) plus named (IA)^3 vectors."""
 
     method = "ia3"
+    adapter_stores = ("ia3_l", "feedforward")
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__()
@@ -47,12 +48,6 @@ class IA3Layer(AdapterModule):
 
     def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
         return {"ia3_l": self.ia3_l[name]}
-
-    def remove_adapter(self, name: str) -> None:
-        del self.ia3_l[name]
-        del self.feedforward[name]
-        if self.active_adapter == name:
-            self.active_adapter = None
 
     def add_adapter(self, name: str, feedforward: bool) -> None:
         """Create vector ``name`` (ones): ``[1, in]`` scaling the input, or ``[out, 1]`` the output."""

@@ -20,6 +20,7 @@ class ModulesToSave(AdapterModule):
 
     method = "modules_to_save"
     wrapped_attr = "original_module"
+    adapter_stores = ("modules_to_save",)
 
     def __init__(self, original_module: nn.Module) -> None:
         super().__init__()
@@ -31,11 +32,6 @@ class ModulesToSave(AdapterModule):
 
     def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
         return dict(self.modules_to_save[name].named_parameters())
-
-    def remove_adapter(self, name: str) -> None:
-        del self.modules_to_save[name]
-        if self.active_adapter == name:
-            self.active_adapter = None
 
     def add_adapter(self, name: str) -> None:
         if name in self.modules_to_save:

@@ -77,6 +77,7 @@ class PromptLearning(AdapterModule):
     method = "prompt"
     wrapped_attr = None
     model_level = True
+    adapter_stores = ("prompt_embeddings", "prefix_embeddings", "prefix_mlp", "prefix_shapes")
 
     def __init__(self) -> None:
         super().__init__()
@@ -105,13 +106,6 @@ class PromptLearning(AdapterModule):
         if name in self.prefix_mlp:
             return [self.prefix_embeddings[name], *self.prefix_mlp[name].parameters()]
         return super().trainable_tensors(name)
-
-    def remove_adapter(self, name: str) -> None:
-        for store in (self.prompt_embeddings, self.prefix_embeddings, self.prefix_mlp, self.prefix_shapes):
-            if name in store:
-                del store[name]
-        if self.active_adapter == name:
-            self.active_adapter = None
 
     def add_prompt(self, name: str, init: torch.Tensor) -> None:
         """Prompt-tuning adapter ``name`` with virtual token embeddings ``init: [T, dim]`` (fp32)."""
