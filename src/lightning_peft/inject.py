@@ -170,15 +170,14 @@ def _inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str, loadin
         raise ValueError(f"modules_to_save={config.modules_to_save} matches no module; closest names: "
                          f"{_closest(config.modules_to_save[0], [p for p, _ in _user_modules(model)])}.")
 
-    for path, module in targets:
-        layer = LoraLayer.from_layer(module, fan_in_fan_out=config.fan_in_fan_out and isinstance(module, nn.Linear))
-        layer.add_adapter(adapter_name, r=_pattern_value(config.rank_pattern, path, config.r),
-                          lora_alpha=_pattern_value(config.alpha_pattern, path, config.lora_alpha),
-                          lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
-                          use_dora=config.use_dora, init_lora_weights=config.init_lora_weights)
-        layer.train(module.training)  # new dropout modules follow the model's train/eval mode
-        if layer is not module:
-            replace_module(model, path, layer)
+    # (_wrap_all sets each layer's train/eval mode after add_adapter: new dropout modules follow it)
+    _wrap_all(model, targets, LoraLayer, "LoRA",
+              lambda layer, path: layer.add_adapter(
+                  adapter_name, r=_pattern_value(config.rank_pattern, path, config.r),
+                  lora_alpha=_pattern_value(config.alpha_pattern, path, config.lora_alpha),
+                  lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
+                  use_dora=config.use_dora, init_lora_weights=config.init_lora_weights),
+              make=lambda m: LoraLayer(m, fan_in_fan_out=config.fan_in_fan_out and isinstance(m, nn.Linear)))
     for path, module in saved:
         wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
         wrapper.add_adapter(adapter_name)
