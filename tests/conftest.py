@@ -42,6 +42,23 @@ def token_batch(vocab: int = 128, batch: int = 2, seq: int = 12, seed: int = 1) 
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
+def train_steps(model, steps: int, lr: float, seq: int = 12) -> list[float]:
+    """Adam steps on next-token loss over one fixed batch (4 rows, seed 7) in train mode, then
+    back to eval mode; moves every trainable tensor away from its initial value. The losses."""
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    batch = token_batch(seed=7, batch=4, seq=seq)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lightning_peft as lp
-from conftest import max_abs, tiny_gpt2, tiny_llama, token_batch
+from conftest import max_abs, tiny_gpt2, tiny_llama, token_batch, train_steps
 
 TOL = 1e-5
 
@@ -28,17 +28,7 @@ CASES = {
 
 
 def _train_a_few_steps(model: torch.nn.Module, steps: int = 4) -> None:
-    """Adam steps on next-token loss: moves every trainable tensor away from its initial value."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=2e-2)
-    batch = token_batch(seed=7, batch=4, seq=16)
-    model.train()
-    for _ in range(steps):
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
+    train_steps(model, steps, lr=2e-2, seq=16)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lightning_peft as lp
-from conftest import max_abs, rel_err, tiny_gpt2, tiny_llama, token_batch
+from conftest import max_abs, rel_err, tiny_gpt2, tiny_llama, token_batch, train_steps
 
 CONFIGS = {
     "ia3": lambda: lp.IA3Config(),
@@ -26,18 +26,7 @@ VIRTUAL = ("prompt", "prefix", "prefix_projection")
 
 
 def _train(model, steps: int = 6, lr: float = 1e-1) -> list[float]:
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    batch = token_batch(seed=7, batch=4, seq=12)
-    losses = []
-    model.train()
-    for _ in range(steps):
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    model.eval()
-    return losses
+    return train_steps(model, steps, lr)
 
 
 def _logits(model, x=None):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lightning_peft as lp
-from conftest import max_abs, tiny_gpt2, tiny_llama, token_batch
+from conftest import max_abs, tiny_gpt2, tiny_llama, token_batch, train_steps
 
 TOL = 1e-5
 
@@ -43,15 +43,7 @@ def _inputs():
 
 
 def _train_a_few_steps(model: torch.nn.Module, steps: int = 3) -> None:
-    """Adam steps on next-token loss: moves every trainable tensor away from its initial value."""
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
-    batch = token_batch(seed=7, batch=4, seq=12)
-    model.train()
-    for _ in range(steps):
-        model(input_ids=batch, labels=batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
+    train_steps(model, steps, lr=5e-2)
 
 
 def _logits(model, inputs=None):
