@@ -36,7 +36,7 @@ from pathlib import Path
 # the LoRA step benchmark's model (importing lora_step also sets HF offline and silences warnings)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
-from lora_step import FULL, QUICK, build_model
+from lora_step import FULL, QUICK, _quartiles_ms, build_model
 
 METHODS = ("floor", "ours mixed", "PEFT mixed", "PEFT one adapter", "set_adapter loop", "use_adapter loop")
 TARGETS = {"ours mixed": "target <= 1.05", "PEFT mixed": "~1.15 expected", "set_adapter loop": "~1.65 expected"}
@@ -142,9 +142,9 @@ def table(rows: list[tuple[int, int, dict]]) -> str:
         floor = statistics.median(times["floor"])
         for m in METHODS:
             med = statistics.median(times[m])
-            q1, _, q3 = statistics.quantiles(times[m], n=4) if len(times[m]) > 1 else (med, med, med)
+            lo, hi = _quartiles_ms(times[m])
             paired = statistics.median(t / f for t, f in zip(times[m], times["floor"]))
-            lines.append(f"| {requests} x {seq} | {m} | {med * 1e3:.1f} | {q1 * 1e3:.1f}-{q3 * 1e3:.1f} | "
+            lines.append(f"| {requests} x {seq} | {m} | {med * 1e3:.1f} | {lo:.1f}-{hi:.1f} | "
                          f"{med / floor:.2f} | {paired:.2f} | {TARGETS.get(m, '')} |")
     return "\n".join(lines) + "\n"
 
@@ -194,7 +194,7 @@ def main(argv=None) -> None:
           f"rounds after {warmup} warm-up")
     print(text, end="")
     noisy = sorted({f"{m} at {seq} tokens" for _, seq, times in rows for m in METHODS
-                    if len(times[m]) > 1 and statistics.quantiles(times[m], n=4)[2] > 1.5 * statistics.quantiles(times[m], n=4)[0]})
+                    if (q := _quartiles_ms(times[m]))[1] > 1.5 * q[0]})
     if noisy:
         print(f"# warning: wide spread for {', '.join(noisy)} (p75 > 1.5 x p25): the machine was busy during this "
               f"run; rerun on a quiet machine (or with --threads 1) before trusting the ratios", file=sys.stderr)
