@@ -38,8 +38,9 @@ import tempfile
 import time
 from importlib.metadata import version
 
-FULL = dict(hidden=256, layers=4, intermediate=688, vocab=1000, heads=4, batch=8, seq=128)
-QUICK = dict(hidden=64, layers=2, intermediate=172, vocab=128, heads=4, batch=2, seq=16)
+# the LoRA step benchmark's model and sizes (importing lora_step also sets HF offline and silences warnings)
+from lora_step import FULL, QUICK, build_model
+
 VARIANTS = ("ours", "PEFT")
 MIB = 1024.0  # KiB per MiB
 
@@ -81,7 +82,7 @@ def worker(args) -> None:
     import peft
     import torch
     import torch.nn.functional as F
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: F401  (build_model's: counted with the imports)
 
     import lightning_peft as lp
     from lightning_peft.methods import LoraLayer
@@ -89,12 +90,7 @@ def worker(args) -> None:
     torch.set_num_threads(args.threads)
     out = dict(variant=args.worker, rss_import=rss_kib())
     size = QUICK if args.quick else FULL
-    config = LlamaConfig(hidden_size=size["hidden"], intermediate_size=size["intermediate"],
-                         num_hidden_layers=size["layers"], num_attention_heads=size["heads"],
-                         num_key_value_heads=size["heads"], vocab_size=size["vocab"],
-                         max_position_embeddings=max(128, size["seq"]), tie_word_embeddings=False)
-    torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(config).float()
+    model = build_model(size, args.seed)
     gen = torch.Generator().manual_seed(args.seed + 2)
     input_ids = torch.randint(0, size["vocab"], (size["batch"], size["seq"]), generator=gen)
     labels = torch.randint(0, size["vocab"], (size["batch"], size["seq"]), generator=gen)
