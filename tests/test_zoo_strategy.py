@@ -28,8 +28,9 @@ def _trainer(config, quantization=None, **kwargs):
 
 @pytest.mark.parametrize("method", list(CONFIGS))
 def test_each_method_trains_under_the_strategy_and_resumes(method, tmp_path):
+    quantization = "nf4" if method == "bitfit" else None
     module = CausalLM(lr=5e-2)
-    trainer = _trainer(CONFIGS[method](), "nf4" if method == "bitfit" else None, max_steps=4)
+    trainer = _trainer(CONFIGS[method](), quantization, max_steps=4)
     trainer.fit(module, sequences(n=8))  # one batch, seen 4 times
     assert module.losses[-1] < module.losses[0]
     trainable = {id(p) for p in module.parameters() if p.requires_grad}
@@ -39,7 +40,6 @@ def test_each_method_trains_under_the_strategy_and_resumes(method, tmp_path):
     checkpoint = torch.load(tmp_path / "run.ckpt", weights_only=False)
     assert set(checkpoint["state_dict"]) == adapter_state_keys(module)
 
-    quantization = "nf4" if method == "bitfit" else None
     resumed = CausalLM(lr=5e-2)
     _trainer(CONFIGS[method](), quantization, max_steps=5).fit(resumed, sequences(n=8), ckpt_path=tmp_path / "run.ckpt")
     straight = CausalLM(lr=5e-2)
