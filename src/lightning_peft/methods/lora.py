@@ -44,6 +44,11 @@ from torch import nn
 from ..quantize import dequantize_weight, is_quantized
 from .base import AdapterModule
 
+# the last per-row slot index built for a mixed batch: (ids, the layer's adapter names in slot order,
+# device, index [N]). Every layer holding the same adapters in the same order reuses it, so a batch
+# builds (and on a GPU uploads) its index once rather than once per layer.
+_LAST_ROW_INDEX: tuple = (None, None, None, None)
+
 
 def base_kind(module: nn.Module) -> str | None:
     """``"linear"``, ``"conv1d"`` or ``"embedding"`` for layers LoRA can wrap, else None."""
@@ -316,8 +321,8 @@ class LoraLayer(AdapterModule):
                 rows.append(magnitude / norm.to(magnitude.dtype))
             dora = torch.stack([ones] + rows)
         probs = [0.0] + [getattr(self.lora_dropout[n], "p", 0.0) for n in names]
-        return {"slots": {n: i + 1 for i, n in enumerate(names)}, "A": A_stack, "B": B_stack,
-                "dora": dora, "dora_slots": {i + 1 for i, n in enumerate(names) if n in self.lora_magnitude_vector},
+        return {"names": tuple(names), "A": A_stack, "B": B_stack,
+                "dora": dora, "dora_names": {n for n in names if n in self.lora_magnitude_vector},
                 "p": torch.tensor(probs, dtype=A0.dtype, device=A0.device) if any(probs) else None, "rows": None}
 
     def _stack(self) -> dict:
@@ -335,13 +340,19 @@ class LoraLayer(AdapterModule):
         return cache
 
     def _row_slots(self, stack: dict, device: torch.device) -> tuple[torch.Tensor, bool]:
-        """``(slot index per row [N], whether a row runs DoRA)``; memoised per ids tuple."""
+        """``(slot index per row [N], whether a row runs DoRA)``; memoised per ids tuple, and the
+        index shared with the other layers of the batch (``_LAST_ROW_INDEX``)."""
+        global _LAST_ROW_INDEX
         ids = self.row_adapters
         if stack["rows"] is not None and stack["rows"][0] is ids and stack["rows"][1].device == device:
             return stack["rows"][1], stack["rows"][2]
-        slots = [stack["slots"].get(name, 0) for name in ids]  # an adapter not on this layer = base
-        index = torch.tensor(slots, dtype=torch.long, device=device)
-        uses_dora = bool(stack["dora_slots"].intersection(slots))
+        last_ids, last_names, last_device, index = _LAST_ROW_INDEX
+        if not (last_ids is ids and last_names == stack["names"] and last_device == device):
+            slots = {n: i + 1 for i, n in enumerate(stack["names"])}
+            index = torch.tensor([slots.get(name, 0) for name in ids],  # an adapter not on this layer = base
+                                 dtype=torch.long, device=device)
+            _LAST_ROW_INDEX = (ids, stack["names"], device, index)
+        uses_dora = not stack["dora_names"].isdisjoint(ids)
         stack["rows"] = (ids, index, uses_dora)
         return index, uses_dora
 
