@@ -40,6 +40,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
+from lora_step import build_model  # noqa: E402  (the Llama of the LoRA step benchmark, any size)
 
 import lightning_peft as lp  # noqa: E402
 
@@ -77,17 +78,6 @@ def sample(table: torch.Tensor, batch: int, seq: int, gen: torch.Generator) -> t
         choice = torch.randint(0, SUCCESSORS, (batch,), generator=gen)
         tokens.append(table[tokens[-1], choice])
     return torch.stack(tokens, dim=1)
-
-
-def build_base(size: dict, seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=size["hidden"], intermediate_size=size["intermediate"],
-                         num_hidden_layers=size["layers"], num_attention_heads=size["heads"],
-                         num_key_value_heads=size["kv_heads"], vocab_size=size["vocab"],
-                         max_position_embeddings=2 * size["seq"], tie_word_embeddings=False)
-    return LlamaForCausalLM(config).float()
 
 
 def train_step(model, optimizer, batch: torch.Tensor) -> tuple[float, float]:
@@ -130,7 +120,7 @@ def run(args) -> tuple[list[dict], dict]:
     gen = torch.Generator().manual_seed(args.seed + 1)
     held_out = [sample(table_b, size["batch"], size["seq"], gen) for _ in range(4)]
 
-    base = build_base(size, args.seed).train()
+    base = build_model(size, args.seed).train()
     optimizer = torch.optim.AdamW(base.parameters(), lr=1e-2, weight_decay=0.0)
     for i in range(size["pretrain"]):
         train_step(base, optimizer, sample(table_a, size["batch"], size["seq"], gen))
