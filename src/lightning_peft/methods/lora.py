@@ -90,9 +90,9 @@ class AdapterDropout(nn.Module):
 class LoraLayer(AdapterModule):
     """A base layer plus named LoRA/DoRA adapters; the base stays frozen and untouched.
 
-    Build with :meth:`from_layer`, add adapters with :meth:`add_adapter`. ``merged`` lists the
-    adapters currently folded into the base weight (see :mod:`lightning_peft.merge`); those are
-    skipped in ``forward``.
+    Build with ``LoraLayer(base_layer, fan_in_fan_out)``, add adapters with :meth:`add_adapter`.
+    ``merged`` lists the adapters currently folded into the base weight (see
+    :mod:`lightning_peft.merge`); those are skipped in ``forward``.
     """
 
     method = "lora"
@@ -123,10 +123,6 @@ class LoraLayer(AdapterModule):
         self.dora_merge_norms: dict[str, torch.Tensor] = {}  # row norms at merge time, for unmerge
         self.row_adapters: tuple[str | None, ...] | None = None  # per-row adapter names (adapter_ids)
         self._stack_cache: dict | None = None  # stacked adapters for mixed batches (see module doc)
-
-    @classmethod
-    def from_layer(cls, base_layer: nn.Module, fan_in_fan_out: bool = False) -> "LoraLayer":
-        return base_layer if isinstance(base_layer, cls) else cls(base_layer, fan_in_fan_out)
 
     # ------------------------------------------------------------------------------- weights
     def base_weight(self) -> torch.Tensor:
