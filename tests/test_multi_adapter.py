@@ -114,6 +114,57 @@ def test_stack_cache_is_reused_and_rebuilt_after_in_place_updates():
     assert max_abs(mixed, _each_row_alone(model, input_ids, ids)) <= 1e-5
 
 
+def _mixed_error(model, input_ids, ids) -> float:
+    with torch.no_grad(), lp.adapter_ids(model, ids):
+        mixed = model(input_ids=input_ids).logits
+    return max_abs(mixed, _each_row_alone(model, input_ids, ids))
+
+
+def _lora_layers_with(model, name):
+    return [m for m in model.modules() if isinstance(m, LoraLayer) and name in m.scaling]
+
+
+def test_stack_cache_follows_replaced_tensors_dtype_scaling_and_merges():
+    """What replaces tensors (not in place) must drop the cache: a stale stack would give the old
+    adapter's (or the old dtype's) outputs. Each step below changes what the rows must compute."""
+    model = _model(names=["a", "b", "d"])
+    input_ids, ids = token_batch(batch=4), ["a", "b", None, "d"]
+    assert _mixed_error(model, input_ids, ids) <= 1e-5  # the caches now exist
+    # load_state_dict(assign=True): new tensor objects, fresh version counters
+    state = {k: (v * 3.0 if ".lora_B.b." in k else v) for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+    assert _mixed_error(model, input_ids, ids) <= 1e-5
+    # .double(): float64 tensors; a stale fp32 stack would be off by ~1e-7, far above 1e-12
+    model.double()
+    assert _mixed_error(model, input_ids, ids) <= 1e-12
+    model.float()
+    assert _mixed_error(model, input_ids, ids) <= 1e-5
+    # a scaling changed without touching a tensor (as a hot swap with a new lora_alpha does)
+    for layer in _lora_layers_with(model, "a"):
+        layer.scaling["a"] *= -1.5
+    assert _mixed_error(model, input_ids, ids) <= 1e-5
+    # merge then unmerge DoRA "d": the base weight is rewritten in place twice
+    lp.merge_adapters(model, "d")
+    lp.unmerge_adapters(model)
+    assert _mixed_error(model, input_ids, ids) <= 1e-5
+    # a tensor assigned by hand is the documented blind spot: clear_adapter_caches fixes it
+    for layer in _lora_layers_with(model, "b"):
+        weight = layer.lora_A["b"].weight
+        weight.data = torch.randn_like(weight)
+    lp.clear_adapter_caches(model)
+    assert _mixed_error(model, input_ids, ids) <= 1e-5
+
+
+def test_deleting_and_adding_adapters_rebuilds_the_stack():
+    model = _model(names=["a", "b"])
+    input_ids = token_batch(batch=3)
+    assert _mixed_error(model, input_ids, ["a", "b", None]) <= 1e-5
+    lp.delete_adapter(model, "a")
+    lp.inject_adapters(model, ADAPTERS["c"], adapter_name="a")  # a new "a": other rank and targets
+    realistic_adapter(model, "a", seed=7)
+    assert _mixed_error(model, input_ids, ["a", "b", None]) <= 1e-5
+
+
 def test_gradients_through_a_mixed_batch_equal_per_row_gradients():
     model = _model(names=["a", "b"])
     lp.set_adapter(model, "a")

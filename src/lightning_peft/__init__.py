@@ -13,7 +13,7 @@ from .config import (BitFitConfig, BottleneckConfig, IA3Config, LoraConfig, Pref
 from .estimate import MemoryEstimate, estimate_memory
 from .inject import adapter_configs, delete_adapter, disable_adapters, inject_adapters, set_adapter, use_adapter
 from .merge import export_merged, merge_adapters, merged_state_dict, unmerge_adapters
-from .multi import adapter_ids, combine_adapters, hot_swap_adapter
+from .multi import adapter_ids, clear_adapter_caches, combine_adapters, hot_swap_adapter
 from .quantize import MemoryReport, memory_report, quantize_base
 from .recipe import recipe_optimizer
 from .report import AdapterReport, adapter_report
@@ -39,6 +39,7 @@ __all__ = [
     "QuantConfig",
     "adapter_configs",
     "adapter_ids",
+    "clear_adapter_caches",
     "adapter_report",
     "combine_adapters",
     "delete_adapter",

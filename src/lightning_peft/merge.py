@@ -84,6 +84,7 @@ def merge_layer(layer: LoraLayer, name: str, allow_lossy: bool = False) -> float
         if norm is not None:
             layer.dora_merge_norms[name] = norm
     layer.merged.append(name)
+    layer.clear_stack_cache()  # a re-quantized base is a new tensor: no version bump to see
     return lost
 
 
@@ -110,6 +111,7 @@ def unmerge_layer(layer: LoraLayer, name: str) -> None:
             weight = weight * (norm / layer.lora_magnitude_vector[name].to(norm.dtype))[:, None]
         layer.set_base_weight(weight - delta)
     layer.merged.remove(name)
+    layer.clear_stack_cache()
 
 
 def merge_adapters(model: nn.Module, adapter_name: str | None = None, allow_lossy: bool = False) -> nn.Module:

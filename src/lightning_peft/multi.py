@@ -120,6 +120,19 @@ def adapter_ids(model: nn.Module, ids: Sequence[str | None]):
                 module.disabled = old
 
 
+def clear_adapter_caches(model: nn.Module) -> nn.Module:
+    """Drop every LoRA layer's stacked adapters (built for mixed batches; rebuilt on the next one).
+
+    Needed only after assigning an adapter tensor by hand (``param.data = t``, or a new
+    ``nn.Parameter`` set on a ``lora_A``/``lora_B`` module): in-place updates, ``load_state_dict``,
+    ``.to()``, hot swaps, merges and adding or deleting adapters are seen without it. Returns
+    ``model``."""
+    for module in _outer_adapter_modules(model):
+        if isinstance(module, LoraLayer):
+            module.clear_stack_cache()
+    return model
+
+
 # ------------------------------------------------------------------------------------- combining
 def _max_rank(config) -> int:
     return max(config.r, *config.rank_pattern.values()) if config.rank_pattern else config.r
