@@ -270,11 +270,18 @@ class LoraLayer(AdapterModule):
             rows = F.embedding(x, A.t(), base.padding_idx, base.max_norm, base.norm_type,
                                base.scale_grad_by_freq, base.sparse)
             return torch.add(result, (rows @ B.t()).to(result.dtype), alpha=self.scaling[name])
-        A = self.lora_A[name].weight
-        lora = F.linear(F.linear(self.lora_dropout[name](x).to(A.dtype), A), self.lora_B[name].weight)
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        shrunk = F.linear(self.lora_dropout[name](x).to(A.dtype), A)
         if name in self.lora_magnitude_vector:
-            return self._dora(result, lora, name)
-        return torch.add(result, lora.to(result.dtype), alpha=self.scaling[name])
+            return self._dora(result, F.linear(shrunk, B), name)
+        if not result.dtype == shrunk.dtype == B.dtype:  # autocast, or fp32 adapters over a bf16 4-bit base
+            return torch.add(result, F.linear(shrunk, B).to(result.dtype), alpha=self.scaling[name])
+        # y = result + s * shrunk @ B^T as one addmm: no separate [tokens, out] product and add pass
+        flat, shrunk = result.reshape(-1, self.out_features), shrunk.reshape(-1, shrunk.shape[-1])
+        if torch.is_grad_enabled():
+            return torch.addmm(flat, shrunk, B.t(), alpha=self.scaling[name]).view(result.shape)
+        # inference: accumulate into the base output (a fresh tensor of the base layer)
+        return flat.addmm_(shrunk, B.t(), alpha=self.scaling[name]).view(result.shape)
 
     def _dora(self, result: torch.Tensor, lora: torch.Tensor, name: str) -> torch.Tensor:
         """``m / ||W + s B A|| * ((W x + b) - b + s * lora) + b``, reusing the base output."""
@@ -399,7 +406,7 @@ class LoraLayer(AdapterModule):
             # index_select: a plain row copy, ~4x faster on CPU than advanced indexing A_stack[index]
             shrunk = torch.bmm(h.reshape(rows, -1, self.in_features), A_stack.index_select(0, index))
         B_rows = B_stack.index_select(0, index)
-        if not uses_dora and result.dtype == B_rows.dtype:  # y = result + shrunk @ B in one pass
+        if not uses_dora and result.dtype == shrunk.dtype == B_rows.dtype:  # y = result + shrunk @ B, one pass
             flat = result.reshape(rows, -1, self.out_features)
             if torch.is_grad_enabled():
                 return torch.baddbmm(flat, shrunk, B_rows).view(result.shape)
