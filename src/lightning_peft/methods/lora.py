@@ -9,7 +9,8 @@ For a base weight viewed as ``W: [out, in]`` and an input ``x: [..., in]``:
 The DoRA row norm is detached (treated as a constant, as in the DoRA paper), so its gradient
 costs nothing. Dropout applies to the adapter branch only, and the base output ``W x + b`` is
 computed once and reused: with dropout off this is exactly DoRA; with dropout on it avoids the
-second base matmul that HF PEFT pays (DESIGN.md section 3).
+second base matmul that HF PEFT pays (DESIGN.md section 3). The expand and the add are one
+``addmm`` (in place into the base layer's fresh output under ``no_grad``) when the dtypes agree.
 
 Three base layers are wrapped, all through the same ``[out, in]`` view of the weight:
 ``nn.Linear`` (stored ``[out, in]``), transformers' ``Conv1D`` (GPT-2, stored ``[in, out]``,
