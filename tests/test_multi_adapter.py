@@ -82,6 +82,31 @@ def test_mixed_and_single_adapter_forward_under_bf16_autocast(quantized, grad):
     assert max_abs(single, reference[1:2]) <= 0.25 * wrong
 
 
+def test_generate_with_per_row_adapters_equals_each_row_alone():
+    """Serving: greedy decoding with a KV cache, every step a mixed batch of one token per row
+    (the stack and the row index are reused across steps), equals each row decoded alone."""
+    model = _model()
+    prompts, ids = token_batch(batch=4, seq=6, seed=3), ["d", None, "b", "c"]
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), lp.adapter_ids(model, ids):
+        mixed = model.generate(prompts, attention_mask=torch.ones_like(prompts), **settings)
+    alone = []
+    for row, name in zip(prompts, ids):
+        context = lp.disable_adapters(model) if name is None else lp.use_adapter(model, name)
+        with torch.no_grad(), context:
+            alone.append(model.generate(row[None], attention_mask=torch.ones_like(row[None]), **settings))
+    assert torch.equal(mixed, torch.cat(alone))
+    assert len({tuple(r[6:].tolist()) for r in mixed}) > 1  # the rows' continuations differ
+    # a generate that multiplies the rows needs one id per copy: said, with the fix
+    with torch.no_grad(), lp.adapter_ids(model, ids), pytest.raises(ValueError, match="repeat each id"):
+        model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=2, do_sample=True,
+                       num_return_sequences=2, pad_token_id=0)
+    with torch.no_grad(), lp.adapter_ids(model, [i for i in ids for _ in range(2)]):  # each id repeated in place
+        sampled = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=2, do_sample=True,
+                                 num_return_sequences=2, pad_token_id=0)
+    assert sampled.shape == (8, 8) and torch.equal(sampled[::2, :6], prompts)
+
+
 def test_mixed_batch_over_gpt2_conv1d_layers():
     model = tiny_gpt2()
     for i, r in enumerate((2, 6)):
