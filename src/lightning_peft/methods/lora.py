@@ -171,7 +171,7 @@ class LoraLayer(AdapterModule):
             if name in store:
                 del store[name]
         del self.scaling[name]
-        self._stack_cache = None
+        self.clear_stack_cache()
         if self.active_adapter == name:
             self.active_adapter = None
 
@@ -199,7 +199,7 @@ class LoraLayer(AdapterModule):
             self.lora_B[name] = nn.Linear(r, out_features, bias=False, **factory)
         self.lora_dropout[name] = AdapterDropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.scaling[name] = lora_scaling(lora_alpha, r, use_rslora)
-        self._stack_cache = None
+        self.clear_stack_cache()
         self._init_weights(name, init_lora_weights)
         if use_dora:
             with torch.no_grad():
@@ -361,11 +361,11 @@ class LoraLayer(AdapterModule):
         self._stack_cache = None
 
     def _apply(self, fn, recurse=True):
-        self._stack_cache = None  # .to() / .half() / .cuda() replace the tensors the stack came from
+        self.clear_stack_cache()  # .to() / .half() / .cuda() replace the tensors the stack came from
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._stack_cache = None  # load_state_dict(assign=True) replaces tensors rather than copying
+        self.clear_stack_cache()  # load_state_dict(assign=True) replaces tensors rather than copying
         super()._load_from_state_dict(*args, **kwargs)
 
     def _row_slots(self, stack: dict, device: torch.device) -> tuple[torch.Tensor, bool]:
