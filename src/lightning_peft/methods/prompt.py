@@ -6,14 +6,17 @@ and a forward pre-hook on the model rewrites the call's keyword arguments:
 
     prompt tuning   inputs_embeds  <- [P; E(input_ids)]           P: [T, dim]
                     attention_mask <- [1...1; mask],  labels <- [-100...-100; labels]
+                    position_ids   <- [0..T-1; position_ids + T]
                     (a causal LM's logits then include the T virtual positions, as in HF PEFT)
     prefix tuning   cache          <- per layer l: keys K_l, values V_l,   [batch, heads, T, head_dim]
                     attention_mask <- [1...1; mask],  position_ids <- position_ids + T
                     with P: [T, layers * 2 * heads * head_dim] = [K_0 V_0 K_1 V_1 ...] per token
                     (PEFT's layout), optionally P = MLP(E) while training (``projection``)
 
-Once the model's cache already holds the virtual tokens (generation after the first step) only
-the attention mask is extended. The base model's tensors are never touched; disabling the
+Without ``position_ids`` they come from the extended attention mask (``cumsum - 1``), so a
+left-padded row gets the positions it has alone. Once the model's cache already holds the
+virtual tokens (generation after the first step) only the attention mask is extended and the
+positions shifted. The base model's tensors are never touched; disabling the
 adapters (or activating a non-prompt one) makes the hook a no-op. File key, as in PEFT:
 ``prompt_embeddings`` (``[T, dim]``, or the prefix ``P``; the MLP is never saved).
 """
@@ -22,7 +25,6 @@ from __future__ import annotations
 
 import inspect
 import sys
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -156,19 +158,42 @@ class PromptLearning(AdapterModule):
         mask = kwargs.get("attention_mask")
         if mask is not None:
             kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], tokens), mask], dim=1)
+        prepended = name not in self.prefix_shapes and not filled
         if name in self.prefix_shapes:
-            if kwargs.get("position_ids") is not None:
-                kwargs["position_ids"] = kwargs["position_ids"] + tokens
             if not filled:
                 kwargs[cache_key] = self._prefix_cache(model, name, kwargs, cache)
-        else:
-            if kwargs.get("position_ids") is not None:  # PEFT's rule: positions come from the model
-                warnings.warn("position_ids are ignored under prompt tuning (the virtual tokens shift them).",
-                              stacklevel=2)
-                kwargs["position_ids"] = None
-            if not filled:
-                self._prepend_prompt(model, name, kwargs)
+        elif prepended:
+            self._prepend_prompt(model, name, kwargs)
+        self._place_positions(model, kwargs, tokens, prepended)
         return (), kwargs
+
+    @staticmethod
+    def _place_positions(model: nn.Module, kwargs: dict, tokens: int, prepended: bool) -> None:
+        """Positions with the ``tokens`` virtual tokens at ``0 .. tokens-1`` and the real ones after
+        them, so that a left-padded row gets the positions it has alone.
+
+        Given ``position_ids`` (generate passes them, counted over the real tokens) are shifted by
+        ``tokens``, with ``0 .. tokens-1`` put in front where the prompt was just prepended. Without
+        them, a model that takes ``position_ids`` gets them from the extended attention mask
+        (``cumsum - 1``, as transformers' generate does): with no padding these equal the model's
+        own default positions; with left padding the default would count the pads, which moves
+        the real tokens away from the virtual ones (HF PEFT ignores ``position_ids`` under prompt
+        tuning and leaves that shift)."""
+        positions = kwargs.get("position_ids")
+        if positions is not None:
+            positions = positions + tokens
+            if prepended:
+                front = torch.arange(tokens, device=positions.device, dtype=positions.dtype)
+                positions = torch.cat([front.expand(*positions.shape[:-1], tokens), positions], dim=-1)
+            kwargs["position_ids"] = positions
+            return
+        mask = kwargs.get("attention_mask")
+        if mask is None or "position_ids" not in _parameters(model):
+            return
+        inputs = kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else kwargs.get("input_ids")
+        span = inputs.shape[1]  # this call's positions: the last `span` columns of the extended mask
+        positions = mask.long().cumsum(-1) - 1
+        kwargs["position_ids"] = positions.masked_fill_(mask == 0, 1)[:, -span:]
 
     def _prepend_prompt(self, model: nn.Module, name: str, kwargs: dict) -> None:
         ids = kwargs.pop("input_ids", None)
