@@ -97,6 +97,14 @@ def test_generate_with_per_row_adapters_equals_each_row_alone():
             alone.append(model.generate(row[None], attention_mask=torch.ones_like(row[None]), **settings))
     assert torch.equal(mixed, torch.cat(alone))
     assert len({tuple(r[6:].tolist()) for r in mixed}) > 1  # the rows' continuations differ
+    # requests of unequal length: row 2 ("b") left-padded by 3 continues as its 3 tokens alone do
+    padded, mask = prompts.clone(), torch.ones_like(prompts)
+    padded[2, :3], mask[2, :3] = 0, 0
+    with torch.no_grad(), lp.adapter_ids(model, ids):
+        mixed = model.generate(padded, attention_mask=mask, **settings)
+    with torch.no_grad(), lp.use_adapter(model, "b"):
+        short = model.generate(prompts[2:3, 3:], attention_mask=torch.ones_like(prompts[2:3, 3:]), **settings)
+    assert torch.equal(mixed[2, 6:], short[0, 3:]) and torch.equal(mixed[[0, 1, 3]], torch.cat(alone)[[0, 1, 3]])
     # a generate that multiplies the rows needs one id per copy: said, with the fix
     with torch.no_grad(), lp.adapter_ids(model, ids), pytest.raises(ValueError, match="repeat each id"):
         model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=2, do_sample=True,
