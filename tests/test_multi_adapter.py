@@ -208,6 +208,21 @@ def test_stack_cache_follows_replaced_tensors_dtype_scaling_and_merges():
     assert _mixed_error(model, input_ids, ids) <= 1e-5
 
 
+def test_a_mixed_batch_with_grad_drops_the_cache():
+    """Training through a mixed batch builds the stack fresh and drops the cached one, so a later
+    no-grad batch sees even a change the version counters cannot (a tensor assigned by hand)."""
+    model = _model(names=["a", "b"])
+    input_ids, ids = token_batch(batch=3), ["a", "b", None]
+    assert _mixed_error(model, input_ids, ids) <= 1e-5  # cached
+    lp.set_adapter(model, "b")  # "b" trains
+    with lp.adapter_ids(model, ids):
+        model(input_ids=input_ids).logits.sum().backward()
+    for layer in _lora_layers_with(model, "b"):
+        weight = layer.lora_B["b"].weight
+        weight.data = weight.data * -2.0  # an optimizer that swaps storage instead of stepping in place
+    assert _mixed_error(model, input_ids, ids) <= 1e-5
+
+
 def test_deleting_and_adding_adapters_rebuilds_the_stack():
     model = _model(names=["a", "b"])
     input_ids = token_batch(batch=3)

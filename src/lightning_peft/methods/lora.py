@@ -40,7 +40,8 @@ Parameter(t)``) goes unseen: call ``clear_stack_cache()`` (or
 re-walking the module dicts and reading data pointers touched ~100 cold Python and storage
 objects per layer, ~1 ms (4%) of a 16-token forward in benchmarks/multi_adapter.py. When
 autograd needs the adapter tensors (training through a mixed batch) the stack is built fresh,
-differentiably.
+differentiably, and the cache is dropped: the next no-grad batch restacks whatever the
+optimizer (or anything else) did to the tensors.
 """
 
 from __future__ import annotations
@@ -346,6 +347,7 @@ class LoraLayer(AdapterModule):
         cache = self._stack_cache
         sources = self._stack_sources() if cache is None else cache["sources"]
         if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
+            self._stack_cache = None  # training: the tensors are about to change, however that happens
             return self._build_stack()
         if cache is not None and cache["scaling"] == self.scaling and [t._version for t in sources] == cache["versions"]:
             return cache
