@@ -150,8 +150,9 @@ class PromptLearning(AdapterModule):
         name = self.active_adapter
         if self.disabled or name not in self.adapter_names():
             return None
-        kwargs = _as_keywords(model, args, kwargs)
-        cache_key = "cache" if "cache" in _parameters(model) else "past_key_values"
+        names = _parameters(model)  # inspect.signature: once per call, not once per question
+        kwargs = _as_keywords(model, names, args, kwargs)
+        cache_key = "cache" if "cache" in names else "past_key_values"
         cache = kwargs.get(cache_key)
         filled = cache is not None and cache.get_seq_length() > 0  # virtual tokens already in the cache
         tokens = self.prefix_shapes[name].tokens if name in self.prefix_shapes else len(self.prompt_embeddings[name])
@@ -164,11 +165,11 @@ class PromptLearning(AdapterModule):
                 kwargs[cache_key] = self._prefix_cache(model, name, kwargs, cache)
         elif prepended:
             self._prepend_prompt(model, name, kwargs)
-        self._place_positions(model, kwargs, tokens, prepended)
+        self._place_positions(names, kwargs, tokens, prepended)
         return (), kwargs
 
     @staticmethod
-    def _place_positions(model: nn.Module, kwargs: dict, tokens: int, prepended: bool) -> None:
+    def _place_positions(names: list[str], kwargs: dict, tokens: int, prepended: bool) -> None:
         """Positions with the ``tokens`` virtual tokens at ``0 .. tokens-1`` and the real ones after
         them, so that a left-padded row gets the positions it has alone.
 
@@ -188,7 +189,7 @@ class PromptLearning(AdapterModule):
             kwargs["position_ids"] = positions
             return
         mask = kwargs.get("attention_mask")
-        if mask is None or "position_ids" not in _parameters(model):
+        if mask is None or "position_ids" not in names:
             return
         inputs = kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else kwargs.get("input_ids")
         span = inputs.shape[1]  # this call's positions: the last `span` columns of the extended mask
@@ -226,11 +227,11 @@ def _parameters(model: nn.Module) -> list[str]:
     return list(inspect.signature(model.forward).parameters)
 
 
-def _as_keywords(model: nn.Module, args: tuple, kwargs: dict) -> dict:
-    """The call's arguments as keywords (``model(ids)`` -> ``input_ids=ids``)."""
+def _as_keywords(model: nn.Module, names: list[str], args: tuple, kwargs: dict) -> dict:
+    """The call's arguments as keywords (``model(ids)`` -> ``input_ids=ids``); ``names``: the
+    parameters of ``model.forward``."""
     if not args:
         return dict(kwargs)
-    names = _parameters(model)
     if len(args) > len(names):
         raise TypeError(f"{type(model).__name__}.forward got {len(args)} positional arguments; pass them by keyword.")
     return {**dict(zip(names, args)), **kwargs}
