@@ -96,7 +96,7 @@ def adapter_ids(model: nn.Module, ids: Sequence[str | None]):
             _refuse_if_merged(model, "run a mixed-adapter batch")
         if isinstance(module, LoraLayer):
             lora_layers.append(module)
-        elif isinstance(module, AdapterModule):
+        else:  # another method's adapter module
             held = sorted(wanted.intersection(module.adapter_names()))
             if held:
                 path = next(p for p, m in model.named_modules() if m is module)

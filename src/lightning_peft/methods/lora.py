@@ -349,9 +349,10 @@ class LoraLayer(AdapterModule):
         if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
             self._stack_cache = None  # training: the tensors are about to change, however that happens
             return self._build_stack()
-        if cache is not None and cache["scaling"] == self.scaling and [t._version for t in sources] == cache["versions"]:
-            return cache
-        sources = self._stack_sources()
+        if cache is not None:
+            if cache["scaling"] == self.scaling and [t._version for t in sources] == cache["versions"]:
+                return cache
+            sources = self._stack_sources()  # rebuild from the module's current tensors
         with torch.no_grad():
             cache = self._build_stack()
         cache.update(sources=sources, versions=[t._version for t in sources], scaling=dict(self.scaling))
