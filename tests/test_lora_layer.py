@@ -125,3 +125,39 @@ def test_adapter_report_counts_and_prints(capsys):
     assert report.trainable_bytes == 4 * report.trainable_params
     printed = capsys.readouterr().out
     assert "trainable" in printed and f"{report.trainable_params:,}" in printed
+
+
+@pytest.mark.parametrize("where", ["base_layer", "global"])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_a_hook_that_keeps_the_base_output_sees_the_base_output(where, mixed):
+    """Inference accumulates the adapter into the base output in place; that must not reach a tensor
+    a forward hook kept (activation capture): the kept tensor is W x + b, the layer's output adapted."""
+    layer = _layer()
+    layer.add_adapter("b", r=2, lora_alpha=4, init_lora_weights=False)
+    x = torch.randn(2, 3, 16)
+    kept = []
+
+    def keep(module, args, output):
+        if module is layer.base_layer:
+            kept.append(output)
+
+    with torch.no_grad():
+        base = layer.base_layer(x).clone()
+        expected = base + layer.scaling["a"] * (x @ layer.lora_A["a"].weight.T @ layer.lora_B["a"].weight.T)
+        if mixed:  # row 0 through "a", row 1 through the base
+            expected[1] = base[1]
+        handle = (layer.base_layer.register_forward_hook(keep) if where == "base_layer"
+                  else torch.nn.modules.module.register_module_forward_hook(keep))
+        try:
+            if mixed:
+                layer.row_adapters = ["a", None]
+            out = layer(x)
+        finally:
+            handle.remove()
+            layer.row_adapters = None
+        assert torch.equal(kept[0], base)
+        assert torch.allclose(out, expected, atol=1e-6)
+        assert layer._may_write_base_output()  # and with the hook gone, the in-place path is back
+        row = layer(x)
+    assert torch.allclose(row, base + layer.scaling["a"] * (x @ layer.lora_A["a"].weight.T
+                                                           @ layer.lora_B["a"].weight.T), atol=1e-6)

@@ -10,7 +10,9 @@ The DoRA row norm is detached (treated as a constant, as in the DoRA paper), so 
 costs nothing. Dropout applies to the adapter branch only, and the base output ``W x + b`` is
 computed once and reused: with dropout off this is exactly DoRA; with dropout on it avoids the
 second base matmul that HF PEFT pays (DESIGN.md section 3). The expand and the add are one
-``addmm`` (in place into the base layer's fresh output under ``no_grad``) when the dtypes agree.
+``addmm`` when the dtypes agree: in place into the base layer's fresh output under ``no_grad``,
+unless a forward hook could hold that output (a hook on the base layer, or a global one: an
+activation capture must see the base output, not the adapted one).
 
 Three base layers are wrapped, all through the same ``[out, in]`` view of the weight:
 ``nn.Linear`` (stored ``[out, in]``), transformers' ``Conv1D`` (GPT-2, stored ``[in, out]``,
@@ -51,6 +53,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from torch.nn.modules.module import _global_forward_hooks
 
 from ..quantize import dequantize_weight, is_quantized
 from .base import AdapterModule
@@ -280,10 +284,14 @@ class LoraLayer(AdapterModule):
             return torch.add(result, F.linear(shrunk, B).to(result.dtype), alpha=self.scaling[name])
         # y = result + s * shrunk @ B^T as one addmm: no separate [tokens, out] product and add pass
         flat, shrunk = result.reshape(-1, self.out_features), shrunk.reshape(-1, shrunk.shape[-1])
-        if torch.is_grad_enabled():
-            return torch.addmm(flat, shrunk, B.t(), alpha=self.scaling[name]).view(result.shape)
-        # inference: accumulate into the base output (a fresh tensor of the base layer)
-        return flat.addmm_(shrunk, B.t(), alpha=self.scaling[name]).view(result.shape)
+        if self._may_write_base_output():  # inference: accumulate into the base layer's fresh output
+            return flat.addmm_(shrunk, B.t(), alpha=self.scaling[name]).view(result.shape)
+        return torch.addmm(flat, shrunk, B.t(), alpha=self.scaling[name]).view(result.shape)
+
+    def _may_write_base_output(self) -> bool:
+        """Whether the base layer's output may be overwritten in place: not when autograd may need it,
+        nor when a forward hook (on the base layer, or global) may have kept a reference to it."""
+        return not (torch.is_grad_enabled() or self.base_layer._forward_hooks or _global_forward_hooks)
 
     def _dora(self, result: torch.Tensor, lora: torch.Tensor, name: str) -> torch.Tensor:
         """``m / ||W + s B A|| * ((W x + b) - b + s * lora) + b``, reusing the base output."""
@@ -412,11 +420,9 @@ class LoraLayer(AdapterModule):
         B_rows = B_stack.index_select(0, index)
         if not uses_dora and result.dtype == shrunk.dtype == B_rows.dtype:  # y = result + shrunk @ B, one pass
             flat = result.reshape(rows, -1, self.out_features)
-            if torch.is_grad_enabled():
-                return torch.baddbmm(flat, shrunk, B_rows).view(result.shape)
-            # inference: accumulate into the base output (a fresh tensor of the base layer), saving
-            # a copy of the whole output per layer (~4% of a forward at 16 tokens per row)
-            return flat.baddbmm_(shrunk, B_rows).view(result.shape)
+            if self._may_write_base_output():  # saves a copy of the whole output (~4% at 16 tokens per row)
+                return flat.baddbmm_(shrunk, B_rows).view(result.shape)
+            return torch.baddbmm(flat, shrunk, B_rows).view(result.shape)
         lora = torch.bmm(shrunk, B_rows).view(result.shape).to(result.dtype)
         if not uses_dora:
             return result + lora
