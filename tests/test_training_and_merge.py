@@ -134,6 +134,30 @@ def test_set_adapter_trains_only_the_active_adapter():
     assert names and all(".a." in n for n in names)
     with pytest.raises(ValueError, match="has \\['a', 'b'\\]"):
         lp.set_adapter(model, "c")
+    model.lm_head.weight.requires_grad_(True)  # set by hand: set_adapter freezes it again
+    lp.set_adapter(model, "b", trainable=False)
+    assert not any(p.requires_grad for p in model.parameters())
+    assert all(m.active_adapter == "b" for m in model.modules() if isinstance(m, AdapterModule))
+
+
+def test_adapter_modules_lists_every_adapter_module_in_named_modules_order():
+    """The walk skips adapters' own stores (lora_A, ...) but not modules_to_save copies, which hold
+    the LoRA layers of the copied block: switching adapters must reach those too."""
+    from lightning_peft.inject import adapter_modules
+
+    model = tiny_llama()
+    lp.inject_adapters(model, lp.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                            modules_to_save=["layers.0"]), "a")
+    lp.inject_adapters(model, lp.LoraConfig(r=4, target_modules=["q_proj"]), "b")
+    lp.inject_adapters(model, lp.IA3Config(target_modules=["down_proj"], feedforward_modules=["down_proj"]), "c")
+    expected = [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterModule)]
+    found = list(adapter_modules(model))
+    assert [n for n, _ in found] == [n for n, _ in expected]
+    assert all(a is b for (_, a), (_, b) in zip(found, expected))
+    inside_copy = [m for n, m in found if ".modules_to_save.a." in n]
+    assert inside_copy
+    lp.set_adapter(model, "b")
+    assert all(m.active_adapter == "b" for m in inside_copy)
 
 
 def test_delete_adapter_restores_original_modules():

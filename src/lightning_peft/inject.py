@@ -46,10 +46,25 @@ def adapter_owner(model: nn.Module) -> nn.Module | None:
 
 
 def adapter_modules(model: nn.Module) -> Iterator[tuple[str, AdapterModule]]:
-    """``(path, module)`` of every adapter module in ``model``."""
-    for path, module in model.named_modules():
+    """``(path, module)`` of every adapter module in ``model``, in ``named_modules`` order.
+
+    Does not walk into an adapter module's own stores (``lora_A``, ``lora_B``, ...: two thirds of
+    the modules of a model with 8 LoRA adapters, and path strings built for each), unless they hold
+    copies of user modules (``modules_to_save``)."""
+    seen: set[int] = set()
+    pending = [("", model)]
+    while pending:
+        path, module = pending.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        skip: tuple[str, ...] = ()
         if isinstance(module, AdapterModule):
             yield path, module
+            skip = () if module.stores_hold_user_modules else module.adapter_stores
+        prefix = path + "." if path else ""
+        pending.extend((prefix + name, child) for name, child in reversed(module._modules.items())
+                       if child is not None and name not in skip)
 
 
 def _user_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
@@ -318,11 +333,10 @@ def set_adapter(model: nn.Module, adapter_name: str, trainable: bool = True) -> 
     _refuse_if_merged(model, "switch adapters")
     for _, module in adapter_modules(model):
         module.active_adapter = adapter_name
+    train = {id(p) for p in adapter_parameters(model, adapter_name).values()} if trainable else set()
     for param in model.parameters():
-        param.requires_grad_(False)
-    if trainable:
-        for param in adapter_parameters(model, adapter_name).values():
-            param.requires_grad_(True)
+        if param.requires_grad != (id(param) in train):  # flip only what changes
+            param.requires_grad_(not param.requires_grad)
     return model
 
 

@@ -26,6 +26,9 @@ class AdapterModule(nn.Module, abc.ABC):
     wrapped_attr: str | None = "base_layer"  # the user's module this one wraps (None: wraps none)
     model_level = False  # True: file keys are global (``prompt_embeddings``), not under this module's path
     adapter_stores: tuple[str, ...] = ()  # attributes keyed by adapter name (ParameterDict, ModuleDict, dict)
+    # False: the stores hold only this method's own tensors and modules, never a user's module, so
+    # adapter_modules() need not walk into them (LoRA's lora_A/lora_B are most of a model's modules)
+    stores_hold_user_modules = False
 
     def __getattr__(self, attr: str):
         # Model code reads attributes of the layer it built (``q_proj.weight.dtype``,

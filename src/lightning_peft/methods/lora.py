@@ -111,6 +111,8 @@ class LoraLayer(AdapterModule):
     """
 
     method = "lora"
+    adapter_stores = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_dropout",
+                      "lora_magnitude_vector")
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__()
@@ -171,14 +173,9 @@ class LoraLayer(AdapterModule):
         return state
 
     def remove_adapter(self, name: str) -> None:
-        for store in (self.lora_A, self.lora_B, self.lora_embedding_A, self.lora_embedding_B,
-                      self.lora_dropout, self.lora_magnitude_vector):
-            if name in store:
-                del store[name]
+        super().remove_adapter(name)
         del self.scaling[name]
         self.clear_stack_cache()
-        if self.active_adapter == name:
-            self.active_adapter = None
 
     def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                     use_rslora: bool = False, use_dora: bool = False,

@@ -21,6 +21,7 @@ class ModulesToSave(AdapterModule):
     method = "modules_to_save"
     wrapped_attr = "original_module"
     adapter_stores = ("modules_to_save",)
+    stores_hold_user_modules = True  # copies of the user's modules, which may hold adapter layers
 
     def __init__(self, original_module: nn.Module) -> None:
         super().__init__()
