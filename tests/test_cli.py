@@ -243,6 +243,8 @@ def _bad_inputs(root: Path, tmp: Path) -> list[tuple[list, str]]:
     (tmp / "no_weights" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
     (tmp / "bad_json").mkdir()
     (tmp / "bad_json" / "adapter_config.json").write_text("{r: 8")
+    (tmp / "only_named" / "chat").mkdir(parents=True)  # a save holding named adapters only
+    (tmp / "only_named" / "chat" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
     merge = ["merge", "--out", tmp / "out"]
     return [
         (["inspect", tmp / "missing"], "no such directory"),
@@ -252,6 +254,8 @@ def _bad_inputs(root: Path, tmp: Path) -> list[tuple[list, str]]:
         (["inspect", tmp / "bad_json"], "not valid JSON"),
         ([*merge, "--base", root / "base", "--adapter", tmp / "missing"], "--adapter"),
         ([*merge, "--base", root / "base", "--adapter", tmp / "empty"], "no adapter_config.json"),
+        ([*merge, "--base", root / "base", "--adapter", tmp / "only_named"],
+         f"sub-folders (chat), none at its top; give one of them: {tmp / 'only_named' / 'chat'}."),
         ([*merge, "--base", tmp / "missing", "--adapter", root / "adapter"], "no such directory"),
         ([*merge, "--base", tmp / "empty", "--adapter", root / "adapter"], "no config.json"),
         ([*merge, "--base", "no_such_package.models:build", "--adapter", root / "adapter"], "no_such_package"),

@@ -176,6 +176,10 @@ def adapter_directory(path: str | Path, flag: str = "") -> Path:
     if not directory.is_dir():
         raise CLIError(f"{name} is a file; give the adapter directory (adapter_config.json + {WEIGHTS_NAME}).")
     if not (directory / CONFIG_NAME).is_file():
+        named = sorted(p.name for p in directory.iterdir() if (p / CONFIG_NAME).is_file())
+        if named:
+            raise CLIError(f"{name} holds named adapters in sub-folders ({', '.join(named)}), none at its top; "
+                           f"give one of them: {directory / named[0]}.")
         raise CLIError(f"{name}: no {CONFIG_NAME} in it, so it is not an adapter directory (lp.save_adapter, "
                        f"AdapterCheckpoint and PEFT's save_pretrained write one).")
     return directory
