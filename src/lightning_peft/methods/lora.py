@@ -53,7 +53,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from torch.nn.modules.module import _global_forward_hooks
 
 from ..quantize import dequantize_weight, is_quantized
