@@ -1,6 +1,6 @@
 """Serving many LoRA adapters from one base: a mixed-adapter batch against one adapter, on CPU.
 
-32 requests of 16 tokens (a second row: 128 tokens), spread round-robin over 8 adapters (r=16,
+32 requests of 16 tokens (further rows: 128 tokens, and 1 token, a decoding step), spread round-robin over 8 adapters (r=16,
 alpha=32, all linear layers but lm_head), through the Llama of benchmarks/lora_step.py (hidden
 256, 4 layers), fp32, ``model.eval()``, forward only under ``torch.no_grad()``. Methods, all fed
 the same batch in the same run:
@@ -19,7 +19,7 @@ first ``--warmup`` rounds are dropped and the median of the next ``--steps`` is 
 divide medians of the same run by the floor's ("/ floor"), and "per round" is the median of each
 round's own method / floor ratio (the two ran seconds apart: steadier on a busy machine).
 
-    python benchmarks/multi_adapter.py                 # full size: 32 x 16 and 32 x 128 tokens
+    python benchmarks/multi_adapter.py                 # full size: 32 x 16, 32 x 128 and 32 x 1 tokens
     python benchmarks/multi_adapter.py --quick         # smoke test, a few seconds
     python benchmarks/multi_adapter.py --out table.md  # also write the markdown table to a file
 """
@@ -156,7 +156,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed rounds (default 30; 3 with --quick)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 5; 1 with --quick)")
     parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--tokens", type=int, nargs="+", default=None, help="tokens per request (default 16 128)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=None, help="tokens per request (default 16 128 1)")
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--alpha", type=float, default=32)
@@ -166,7 +166,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     steps = args.steps if args.steps is not None else (3 if args.quick else 30)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
-    tokens = args.tokens or ([8, 16] if args.quick else [16, 128])
+    tokens = args.tokens or ([8, 16] if args.quick else [16, 128, 1])
     requests = 8 if args.quick else args.requests
     size = dict(QUICK if args.quick else FULL)
     size["seq"] = max(tokens)

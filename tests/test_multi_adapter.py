@@ -48,7 +48,75 @@ def _each_row_alone(model, input_ids, ids):
     return torch.cat(rows)
 
 
+def _spy_grouped(monkeypatch) -> list:
+    """The LoRA layers that ran the grouped path (short rows sorted by adapter), call by call."""
+    calls, grouped = [], LoraLayer._grouped_forward
+
+    def spy(self, *args):
+        calls.append(self)
+        return grouped(self, *args)
+
+    monkeypatch.setattr(LoraLayer, "_grouped_forward", spy)
+    return calls
+
+
 # ---------------------------------------------------------------------------- mixed batches
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "nf4"])
+@pytest.mark.parametrize("ids, expect_grouped", [
+    (["a", "b", None, "b", "a", None], True),  # equal groups, base rows as a group of their own
+    (["a", "c", "a", "c"], True),  # on q_proj/v_proj slots 1 and 3: the stack is indexed, not sliced
+    (["a"] * 5 + ["b"] * 5 + [None] * 6, True),  # 16 rows as 3 x 6: 2 padding rows, the most allowed
+    (["a", "a", "a", "b"], False),  # 2 x 3 would pad 2 of 4 rows: per-row path
+], ids=["equal", "non_consecutive", "padded", "too_uneven"])
+def test_short_rows_run_grouped_and_equal_each_row_alone(quantized, ids, expect_grouped, monkeypatch):
+    """Rows with fewer tokens than the stacked rank (decoding) run sorted into one group per adapter:
+    the base layer on the sorted rows, the adapters on views of the stack, the rows put back."""
+    model = _model(names=["a", "b", "c"], quantized=quantized)
+    input_ids = token_batch(batch=len(ids), seq=3, seed=5)
+    reference = _each_row_alone(model, input_ids, ids)
+    grouped = _spy_grouped(monkeypatch)
+    with torch.no_grad(), lp.adapter_ids(model, ids):
+        mixed = model(input_ids=input_ids).logits
+    assert max_abs(mixed, reference) <= 1e-5
+    assert bool(grouped) == expect_grouped
+    with torch.no_grad(), lp.use_adapter(model, "a"):
+        assert max_abs(model(input_ids=input_ids).logits, reference) > 1e-2
+
+
+def test_grouping_steps_aside_for_hooks_dora_rows_and_long_rows(monkeypatch):
+    """A hook on a base layer must see the batch's rows in their order, so that layer runs per row;
+    so do layers where a row runs DoRA, and rows as long as the stacked rank."""
+    model = _model()  # "d" (DoRA, r=16) sits on k_proj and down_proj
+    q_proj = model.model.layers[0].self_attn.q_proj
+    seen = []
+    handle = q_proj.base_layer.register_forward_hook(lambda module, args, output: seen.append(args[0].clone()))
+    ids = ["a", "d", "b", "a", "d", "b"]  # equal groups; where "d" is not, its rows run the base
+    input_ids = token_batch(batch=6, seq=3, seed=6)
+    reference = _each_row_alone(model, input_ids, ids)
+    seen.clear()
+    grouped = _spy_grouped(monkeypatch)
+    try:
+        with torch.no_grad(), lp.adapter_ids(model, ids):
+            mixed = model(input_ids=input_ids).logits
+    finally:
+        handle.remove()
+    assert max_abs(mixed, reference) <= 1e-5
+    assert grouped and q_proj not in grouped  # the other layers without DoRA rows did run grouped
+    assert not any("d" in layer.lora_magnitude_vector for layer in grouped)
+    with torch.no_grad():  # the hook saw the rows in the batch's order: row 0 alone gives its first row
+        first = []
+        handle = q_proj.base_layer.register_forward_hook(lambda module, args, output: first.append(args[0]))
+        with lp.use_adapter(model, "a"):
+            model(input_ids=input_ids[:1])
+        handle.remove()
+    assert max_abs(seen[0][:1], first[0]) <= 1e-5
+    grouped.clear()
+    attention = model.model.layers[0].self_attn  # v_proj stacks ranks up to 8 (a, b, c); k_proj up to 16 (d)
+    with torch.no_grad(), lp.adapter_ids(model, ["a", "b"]):
+        model(input_ids=token_batch(batch=2, seq=8))  # 8 tokens per row
+    assert attention.k_proj in grouped and attention.v_proj not in grouped
+
+
 @pytest.mark.parametrize("quantized", [False, True], ids=["float", "nf4"])
 def test_mixed_batch_equals_each_row_alone(quantized):
     model = _model(quantized=quantized)
@@ -126,17 +194,20 @@ def test_mixed_batch_over_gpt2_conv1d_layers():
     assert max_abs(mixed, _each_row_alone(model, input_ids, ids)) <= 1e-5
 
 
-def test_training_mode_applies_each_rows_own_dropout():
+@pytest.mark.parametrize("seq", [12, 3], ids=["per_row", "grouped"])
+def test_training_mode_applies_each_rows_own_dropout(seq, monkeypatch):
     model = _model(names=["a", "b"])
     lp.inject_adapters(model, lp.LoraConfig(r=4, lora_dropout=0.5, init_lora_weights=False), adapter_name="drop")
     realistic_adapter(model, "drop", seed=9)
-    input_ids, ids = token_batch(batch=3), ["drop", "b", None]
+    input_ids, ids = token_batch(batch=3, seq=seq), ["drop", "b", None]
+    grouped = _spy_grouped(monkeypatch)
     reference = _each_row_alone(model, input_ids, ids)  # eval mode: no dropout anywhere
     model.train()
     with torch.no_grad(), lp.adapter_ids(model, ids):
         mixed = model(input_ids=input_ids).logits
     assert max_abs(mixed[1:], reference[1:]) <= 1e-5  # p = 0 rows are exact
     assert max_abs(mixed[0], reference[0]) > 1e-3  # the p = 0.5 row was dropped out
+    assert bool(grouped) == (seq == 3)
 
 
 def test_mixed_ranks_are_zero_padded_in_one_stack():
@@ -233,16 +304,20 @@ def test_deleting_and_adding_adapters_rebuilds_the_stack():
     assert _mixed_error(model, input_ids, ["a", "b", None]) <= 1e-5
 
 
-def test_gradients_through_a_mixed_batch_equal_per_row_gradients():
+@pytest.mark.parametrize("seq, ids", [(12, ["a", "b", None, "b"]), (3, ["a", "b", "b", "a"])],
+                         ids=["per_row", "grouped"])
+def test_gradients_through_a_mixed_batch_equal_per_row_gradients(seq, ids, monkeypatch):
     model = _model(names=["a", "b"])
+    grouped = _spy_grouped(monkeypatch)
     lp.set_adapter(model, "a")
     params = [p for m in model.modules() if isinstance(m, LoraLayer) for n in ("a", "b")
               for p in m.adapter_state(n).values()]
     for p in params:
         p.requires_grad_(True)
-    input_ids, ids = token_batch(batch=4), ["a", "b", None, "b"]
+    input_ids = token_batch(batch=4, seq=seq)
     with lp.adapter_ids(model, ids):
         model(input_ids=input_ids).logits.square().mean(dim=(1, 2)).sum().backward()
+    assert bool(grouped) == (seq == 3)
     mixed = [p.grad.clone() for p in params]
     for p in params:
         p.grad = None

@@ -30,6 +30,13 @@ for the base, scaling folded into B:
     y_n = W x_n + b + (x_n A*[k_n]) B*[k_n]        x_n: [T, in], two batched matmuls (bmm)
     DoRA rows: y_n = m_k / ||W + s_k B_k A_k||_row * (W x_n + (x_n A*) B*) + b
 
+Rows of T >= R tokens gather a copy of A*[k_n] and B*[k_n] per row (``index_select``, then
+``bmm`` over rows). Shorter rows (decoding) would copy more weights than activations, so they
+are sorted into one group per slot instead, padded to equal size with repeated rows (at most
+1/8 of the batch, else the per-row path): the base layer runs on the sorted rows, the ``bmm``
+runs over groups on views of the stack, and the output rows are put back in order. Not with
+DoRA rows, extra base-layer arguments, or hooks on the base layer (they would see sorted rows).
+
 The stack is cached. On every call the cache is checked against the ``_version`` of each
 tensor it was built from (kept in a list beside it) and the scalings: an in-place update by an
 optimizer, ``load_state_dict``, ``copy_`` or a hot swap bumps ``_version`` and the stack is
@@ -53,7 +60,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.module import _global_forward_hooks
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from ..quantize import dequantize_weight, is_quantized
 from .base import AdapterModule
@@ -62,6 +69,36 @@ from .base import AdapterModule
 # device, index [N]). Every layer holding the same adapters in the same order reuses it, so a batch
 # builds (and on a GPU uploads) its index once rather than once per layer.
 _LAST_ROW_INDEX: tuple = (None, None, None, None)
+# the same for the row grouping of short rows (see LoraLayer._grouped_forward): (ids, names, device, groups)
+_LAST_ROW_GROUPS: tuple = (None, None, None, None)
+# how many padding rows (of the batch's rows) a grouping may add before the per-row path is used instead
+_MAX_PAD_FRACTION = 1 / 8
+
+
+def _group_rows(ids, names: tuple, device: torch.device):
+    """``(perm [G*m], inv [N], slots, G, m)`` to run a batch as G groups of m rows, one group per
+    slot (adapter, or 0 for base), slots ascending; short groups are padded by repeating their first
+    row (computed, never read back). ``slots`` is a slice when the slots are consecutive (the stack
+    is then used as a view), else an index tensor. None when the padding would exceed
+    ``_MAX_PAD_FRACTION`` of the rows."""
+    slot_of = {n: i + 1 for i, n in enumerate(names)}
+    members: dict[int, list[int]] = {}
+    for row, name in enumerate(ids):
+        members.setdefault(slot_of.get(name, 0), []).append(row)  # not on this layer = base
+    order = sorted(members)
+    rows, m = len(ids), max(len(group) for group in members.values())
+    if len(order) * m - rows > rows * _MAX_PAD_FRACTION:
+        return None
+    perm, inv = [], [0] * rows
+    for slot in order:
+        group = members[slot]
+        for row in group:
+            inv[row] = len(perm)
+            perm.append(row)
+        perm.extend([group[0]] * (m - len(group)))
+    consecutive = order == list(range(order[0], order[-1] + 1))
+    slots = slice(order[0], order[-1] + 1) if consecutive else torch.tensor(order, device=device)
+    return (torch.tensor(perm, device=device), torch.tensor(inv, device=device), slots, len(order), m)
 
 
 def base_kind(module: nn.Module) -> str | None:
@@ -260,9 +297,9 @@ class LoraLayer(AdapterModule):
 
     # ------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
         if self.row_adapters is not None and not self.disabled:
-            return self._mixed_forward(x, result)
+            return self._mixed_forward(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
         name = self.active_adapter
         if self.disabled or name is None or name not in self.scaling or name in self.merged:
             return result
@@ -284,10 +321,16 @@ class LoraLayer(AdapterModule):
             return flat.addmm_(shrunk, B.t(), alpha=self.scaling[name]).view(result.shape)
         return torch.addmm(flat, shrunk, B.t(), alpha=self.scaling[name]).view(result.shape)
 
+    def _base_hooked(self) -> bool:
+        """Whether a forward (pre-)hook sees the base layer's inputs or outputs: on it, or global."""
+        base = self._modules["base_layer"]
+        return bool(base._forward_hooks or base._forward_pre_hooks or _global_forward_hooks
+                    or _global_forward_pre_hooks)
+
     def _may_write_base_output(self) -> bool:
         """Whether the base layer's output may be overwritten in place: not when autograd may need it,
-        nor when a forward hook (on the base layer, or global) may have kept a reference to it."""
-        return not (torch.is_grad_enabled() or self.base_layer._forward_hooks or _global_forward_hooks)
+        nor when a hook may have kept a reference to it."""
+        return not (torch.is_grad_enabled() or self._base_hooked())
 
     def _dora(self, result: torch.Tensor, lora: torch.Tensor, name: str) -> torch.Tensor:
         """``m / ||W + s B A|| * ((W x + b) - b + s * lora) + b``, reusing the base output."""
@@ -343,7 +386,8 @@ class LoraLayer(AdapterModule):
         probs = [0.0] + [getattr(self.lora_dropout[n], "p", 0.0) for n in names]
         return {"names": tuple(names), "A": A_stack, "B": B_stack,
                 "dora": dora, "dora_names": {n for n in names if n in self.lora_magnitude_vector},
-                "p": torch.tensor(probs, dtype=A0.dtype, device=A0.device) if any(probs) else None, "rows": None}
+                "p": torch.tensor(probs, dtype=A0.dtype, device=A0.device) if any(probs) else None, "rows": None,
+                "groups": None}
 
     def _stack(self) -> dict:
         """The stacked adapters: cached unless autograd needs them (then built fresh each call);
@@ -392,18 +436,48 @@ class LoraLayer(AdapterModule):
         stack["rows"] = (ids, index, uses_dora)
         return index, uses_dora
 
-    def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    def _row_groups(self, stack: dict, device: torch.device):
+        """:func:`_group_rows` for this batch (None if a row runs DoRA); memoised per ids like
+        :meth:`_row_slots`, and shared with the other layers (``_LAST_ROW_GROUPS``)."""
+        global _LAST_ROW_GROUPS
+        ids = self.row_adapters
+        memo = stack["groups"]
+        if memo is not None and memo[0] is ids and memo[2] == device:
+            return memo[1]
+        last_ids, last_names, last_device, groups = _LAST_ROW_GROUPS
+        if not (last_ids is ids and last_names == stack["names"] and last_device == device):
+            groups = _group_rows(ids, stack["names"], device)
+            _LAST_ROW_GROUPS = (ids, stack["names"], device, groups)
+        if groups is not None and stack["dora_names"].isdisjoint(ids):
+            perm, inv, slots, count, _ = groups
+            take = (lambda t: t[slots]) if isinstance(slots, slice) else (lambda t: t.index_select(0, slots))
+            p = None if stack["p"] is None else take(stack["p"]).view(count, 1, 1)
+            groups = (perm, inv, take(stack["A"]), take(stack["B"]), p)  # views of the stack when slots are consecutive
+        else:
+            groups = None
+        stack["groups"] = (ids, groups, device)
+        return groups
+
+    def _mixed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Row ``n`` of ``x: [N, ..., in]`` through adapter ``row_adapters[n]``; see module doc."""
         rows = len(self.row_adapters)
         if not self.scaling:
-            return result
+            return self.base_layer(x, *args, **kwargs)
         if x.shape[0] != rows:
             raise ValueError(f"adapter_ids gave {rows} ids, but this layer got a batch of {x.shape[0]} rows "
                              f"(input {tuple(x.shape)}); give one id per row of the batch (with beam search or "
                              f"num_return_sequences, repeat each id for every copy of its row).")
         stack = self._stack()
         A_stack, B_stack = stack["A"], stack["B"]
+        # short rows (fewer tokens than the stacked rank: decoding, short requests) run grouped by
+        # adapter, which moves their activations instead of per-row copies of the weights
+        if (x.numel() < rows * self.in_features * A_stack.shape[-1] and self.kind != "embedding"
+                and not (args or kwargs or self._base_hooked())):
+            groups = self._row_groups(stack, x.device)
+            if groups is not None:
+                return self._grouped_forward(x, stack, groups)
         index, uses_dora = self._row_slots(stack, x.device)
+        result = self.base_layer(x, *args, **kwargs)
         if self.kind == "embedding":
             shrunk = A_stack[index.view(-1, *[1] * (x.dim() - 1)), x].reshape(rows, -1, A_stack.shape[-1])
         else:
@@ -427,3 +501,23 @@ class LoraLayer(AdapterModule):
         out = result if bias is None else result - bias
         out = (out + lora) * scale
         return out if bias is None else out + bias
+
+    def _grouped_forward(self, x: torch.Tensor, stack: dict, groups: tuple) -> torch.Tensor:
+        """The batch's rows sorted into G equal groups of m rows, one adapter slot per group (see
+        :func:`_group_rows`): the base layer runs on the sorted rows, the adapters as two ``bmm``
+        over views of the stack (no per-row weight copies), and the output rows are put back in
+        order. Only without DoRA rows, extra base-layer arguments or hooks on the base layer
+        (they would see the sorted rows)."""
+        perm, inv, A, B, p = groups
+        xs = x.index_select(0, perm)
+        out = self._modules["base_layer"](xs)  # a fresh tensor no hook has seen
+        h = xs.to(A.dtype).reshape(A.shape[0], -1, self.in_features)
+        if p is not None and self.training:  # inverted dropout with each group's own p
+            h = h * (torch.rand_like(h) >= p) / (1.0 - p)
+        shrunk = torch.bmm(h, A)
+        flat = out.reshape(A.shape[0], -1, self.out_features)
+        if out.dtype == shrunk.dtype == B.dtype:
+            flat = torch.baddbmm(flat, shrunk, B) if torch.is_grad_enabled() else flat.baddbmm_(shrunk, B)
+        else:
+            flat = flat + torch.bmm(shrunk, B).to(out.dtype)
+        return flat.view(out.shape).index_select(0, inv)
