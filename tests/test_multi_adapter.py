@@ -132,14 +132,16 @@ def test_mixed_batch_equals_each_row_alone(quantized):
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["float", "nf4"])
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
-def test_mixed_and_single_adapter_forward_under_bf16_autocast(quantized, grad):
+@pytest.mark.parametrize("seq", [12, 3], ids=["per_row", "grouped"])
+def test_mixed_and_single_adapter_forward_under_bf16_autocast(quantized, grad, seq, monkeypatch):
     """Autocast makes the adapter matmuls bf16 while a 4-bit base computes in fp32: the fused
     in-place accumulation must step aside (it raised a dtype error over NF4 without grad).
     Checked against the fp32 per-row reference: far closer to it than to the swapped adapters."""
     model = _model(names=["a", "b"], quantized=quantized)
-    input_ids, ids = token_batch(batch=3), ["a", "b", None]
+    input_ids, ids = token_batch(batch=3, seq=seq), ["a", "b", None]
     reference = _each_row_alone(model, input_ids, ids)
     swapped = _each_row_alone(model, input_ids, ["b", "a", None])
+    grouped = _spy_grouped(monkeypatch)
     with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
         with lp.adapter_ids(model, ids):
             mixed = model(input_ids=input_ids).logits.float()
@@ -148,6 +150,7 @@ def test_mixed_and_single_adapter_forward_under_bf16_autocast(quantized, grad):
     wrong = max_abs(swapped[:2], reference[:2])
     assert max_abs(mixed, reference) <= 0.25 * wrong
     assert max_abs(single, reference[1:2]) <= 0.25 * wrong
+    assert bool(grouped) == (seq == 3)
 
 
 def test_generate_with_per_row_adapters_equals_each_row_alone():
