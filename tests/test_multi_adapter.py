@@ -83,6 +83,43 @@ def test_short_rows_run_grouped_and_equal_each_row_alone(quantized, ids, expect_
         assert max_abs(model(input_ids=input_ids).logits, reference) > 1e-2
 
 
+def test_layers_fed_one_tensor_share_its_sorting_until_it_changes(monkeypatch):
+    """q/k/v-like siblings reuse the sorted input; an in-place change of the input between them
+    (version counter) makes the second sort again. The memo is dropped when the block ends."""
+    from torch import nn
+
+    from lightning_peft.methods import lora
+
+    class Siblings(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second, self.third = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            out = self.first(x) + self.second(x)  # the same tensor twice: sorted once
+            x.mul_(2.0)  # changed in place before the third layer sees it
+            return out + self.third(x)
+
+    torch.manual_seed(0)
+    model = Siblings()
+    for name in ("p", "q"):
+        lp.inject_adapters(model, lp.LoraConfig(r=4, lora_dropout=0.0, target_modules=["first", "second", "third"],
+                                                init_lora_weights=False), adapter_name=name)
+    model.eval()
+    x, ids = torch.randn(4, 1, 8), ["p", "q", "p", "q"]  # 1 token per row, fewer than r: grouped
+    grouped = _spy_grouped(monkeypatch)
+    with torch.no_grad():
+        alone = []
+        for row, name in zip(x, ids):
+            with lp.use_adapter(model, name):
+                alone.append(model(row[None].clone()))
+        with lp.adapter_ids(model, ids):
+            mixed = model(x.clone())
+            assert lora._LAST_SORTED[0] is not None
+    assert len(grouped) == 3 and max_abs(mixed, torch.cat(alone)) <= 1e-5
+    assert lora._LAST_SORTED[0] is None and lora._LAST_ROW_GROUPS[0] is None
+
+
 def test_grouping_steps_aside_for_hooks_dora_rows_and_long_rows(monkeypatch):
     """A hook on a base layer must see the batch's rows in their order, so that layer runs per row;
     so do layers where a row runs DoRA, and rows as long as the stacked rank."""

@@ -41,7 +41,7 @@ from .inject import (
     inject_adapters,
 )
 from .methods import AdapterModule, LoraLayer
-from .methods.lora import lora_scaling
+from .methods.lora import lora_scaling, release_batch_memos
 
 BASE = "__base__"  # HF PEFT's name for "no adapter" in adapter_names=; same as None here
 METHODS = ("linear", "cat", "svd")
@@ -118,6 +118,7 @@ def adapter_ids(model: nn.Module, ids: Sequence[str | None]):
     finally:
         for attributes, key, old in previous:
             attributes[key] = old
+        release_batch_memos()  # they reference this block's ids and its last sorted activation
 
 
 def clear_adapter_caches(model: nn.Module) -> nn.Module:

@@ -73,6 +73,16 @@ _LAST_ROW_INDEX: tuple = (None, None, None, None)
 _LAST_ROW_GROUPS: tuple = (None, None, None, None)
 # how many padding rows (of the batch's rows) a grouping may add before the per-row path is used instead
 _MAX_PAD_FRACTION = 1 / 8
+# the last input sorted for a grouped forward: (x, x._version, perm, sorted x). Layers fed the same
+# tensor (q/k/v, gate/up) sort it once. One tuple, read once: a consistent snapshot across threads.
+_LAST_SORTED: tuple = (None, None, None, None)
+
+
+def release_batch_memos() -> None:
+    """Drop the memos a mixed batch leaves behind (row index, grouping, the last sorted input, which
+    holds an activation); :func:`lightning_peft.adapter_ids` calls this when its block ends."""
+    global _LAST_ROW_INDEX, _LAST_ROW_GROUPS, _LAST_SORTED
+    _LAST_ROW_INDEX = _LAST_ROW_GROUPS = _LAST_SORTED = (None, None, None, None)
 
 
 def _group_rows(ids, names: tuple, device: torch.device):
@@ -507,9 +517,15 @@ class LoraLayer(AdapterModule):
         :func:`_group_rows`): the base layer runs on the sorted rows, the adapters as two ``bmm``
         over views of the stack (no per-row weight copies), and the output rows are put back in
         order. Only without DoRA rows, extra base-layer arguments or hooks on the base layer
-        (they would see the sorted rows)."""
+        (they would see the sorted rows). Layers fed the same input tensor sort it once."""
+        global _LAST_SORTED
         perm, inv, A, B, p = groups
-        xs = x.index_select(0, perm)
+        last = _LAST_SORTED
+        if last[0] is x and last[2] is perm and last[1] == x._version:
+            xs = last[3]
+        else:
+            xs = x.index_select(0, perm)
+            _LAST_SORTED = (x, x._version, perm, xs)
         out = self._modules["base_layer"](xs)  # a fresh tensor no hook has seen
         h = xs.to(A.dtype).reshape(A.shape[0], -1, self.in_features)
         if p is not None and self.training:  # inverted dropout with each group's own p
