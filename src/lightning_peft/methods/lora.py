@@ -517,15 +517,19 @@ class LoraLayer(AdapterModule):
         :func:`_group_rows`): the base layer runs on the sorted rows, the adapters as two ``bmm``
         over views of the stack (no per-row weight copies), and the output rows are put back in
         order. Only without DoRA rows, extra base-layer arguments or hooks on the base layer
-        (they would see the sorted rows). Layers fed the same input tensor sort it once."""
+        (they would see the sorted rows). Layers fed the same input tensor sort it once (not under
+        ``torch.inference_mode``, whose tensors have no version counter to check that memo by)."""
         global _LAST_SORTED
         perm, inv, A, B, p = groups
-        last = _LAST_SORTED
-        if last[0] is x and last[2] is perm and last[1] == x._version:
-            xs = last[3]
-        else:
+        if x.is_inference():  # no version counter to check a memo against (torch.inference_mode)
             xs = x.index_select(0, perm)
-            _LAST_SORTED = (x, x._version, perm, xs)
+        else:
+            last = _LAST_SORTED
+            if last[0] is x and last[2] is perm and last[1] == x._version:
+                xs = last[3]
+            else:
+                xs = x.index_select(0, perm)
+                _LAST_SORTED = (x, x._version, perm, xs)
         out = self._modules["base_layer"](xs)  # a fresh tensor no hook has seen
         h = xs.to(A.dtype).reshape(A.shape[0], -1, self.in_features)
         if p is not None and self.training:  # inverted dropout with each group's own p
