@@ -575,6 +575,26 @@ def test_hot_swap_equals_a_fresh_load_and_keeps_every_storage(tmp_path):
     assert lp.adapter_configs(model)["served"].lora_alpha == 16
 
 
+def test_a_model_built_under_inference_mode_mixes_and_hot_swaps(tmp_path):
+    """Tensors made under torch.inference_mode have no version counter: the stack cache must not
+    read one (it raised), and a hot swap (same alpha: no scaling change to notice) drops the cache."""
+    first, second = _saved(tmp_path, "first", 1), _saved(tmp_path, "second", 2)
+    input_ids = token_batch(batch=2)
+    with torch.inference_mode():
+        model = lp.load_adapter(tiny_llama(), first, adapter_name="served")
+        lp.inject_adapters(model, ADAPTERS["a"], adapter_name="other")
+        realistic_adapter(model, "other", seed=3)
+        reference = _each_row_alone(model, input_ids, ["served", "other"])
+        with lp.adapter_ids(model, ["served", "other"]):
+            mixed = model(input_ids=input_ids).logits
+        lp.hot_swap_adapter(model, second, adapter_name="served")
+        with lp.adapter_ids(model, ["served", "served"]):
+            swapped = model(input_ids=input_ids).logits
+        expected = lp.load_adapter(tiny_llama(), second)(input_ids=input_ids).logits
+    assert max_abs(mixed, reference) <= 1e-5
+    assert max_abs(swapped, expected) <= 1e-5
+
+
 def test_hot_swap_mismatch_leaves_the_model_untouched(tmp_path):
     first, other_rank = _saved(tmp_path, "first", 1), _saved(tmp_path, "r8", 2, r=8)
     model = lp.load_adapter(tiny_llama(), first)

@@ -270,6 +270,7 @@ def hot_swap_adapter(model: nn.Module, directory: str | os.PathLike, adapter_nam
             tensor.copy_(loaded[key].to(dtype=tensor.dtype, device=tensor.device))
     for layer, scaling in scalings.items():
         layer.scaling[adapter_name] = scaling
+        layer.clear_stack_cache()  # the copies bump version counters, except on inference tensors
     kept = {f.name: getattr(old, f.name) for f in dataclasses.fields(old) if f.name in ("target_modules", "fan_in_fan_out")}
     object.__setattr__(owner, CONFIGS_ATTR, {**configs, adapter_name: dataclasses.replace(config, **kept)})
     return model

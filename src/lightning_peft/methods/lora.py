@@ -44,7 +44,8 @@ rebuilt. What replaces tensors instead of updating them drops the cache
 (:meth:`LoraLayer.clear_stack_cache`): ``.to()``/``.half()``/``.cuda()`` (``_apply``),
 ``load_state_dict`` (also with ``assign=True``), adding or deleting an adapter, merging and
 unmerging. Only assigning a tensor by hand (``param.data = t`` or ``lora_B[name].weight =
-Parameter(t)``) goes unseen: call ``clear_stack_cache()`` (or
+Parameter(t)``) goes unseen, and an in-place edit of an adapter built under
+``torch.inference_mode`` (its tensors have no version counter): call ``clear_stack_cache()`` (or
 :func:`lightning_peft.clear_adapter_caches`) after that. The check reads only version counters:
 re-walking the module dicts and reading data pointers touched ~100 cold Python and storage
 objects per layer, ~1 ms (4%) of a 16-token forward in benchmarks/multi_adapter.py. When
@@ -109,6 +110,12 @@ def _group_rows(ids, names: tuple, device: torch.device):
     consecutive = order == list(range(order[0], order[-1] + 1))
     slots = slice(order[0], order[-1] + 1) if consecutive else torch.tensor(order, device=device)
     return (torch.tensor(perm, device=device), torch.tensor(inv, device=device), slots, len(order), m)
+
+
+def _versions(tensors: list[torch.Tensor]) -> list[int | None]:
+    """Their version counters; None for an inference tensor (made under ``torch.inference_mode``),
+    which has none: an in-place edit of one, possible only inside inference mode, goes unseen."""
+    return [None if t.is_inference() else t._version for t in tensors]
 
 
 def base_kind(module: nn.Module) -> str | None:
@@ -408,12 +415,14 @@ class LoraLayer(AdapterModule):
             self._stack_cache = None  # training: the tensors are about to change, however that happens
             return self._build_stack()
         if cache is not None:
-            if cache["scaling"] == self.scaling and [t._version for t in sources] == cache["versions"]:
+            versions = [t._version for t in sources] if cache["counted"] else _versions(sources)
+            if cache["scaling"] == self.scaling and versions == cache["versions"]:
                 return cache
             sources = self._stack_sources()  # rebuild from the module's current tensors
         with torch.no_grad():
             cache = self._build_stack()
-        cache.update(sources=sources, versions=[t._version for t in sources], scaling=dict(self.scaling))
+        versions = _versions(sources)
+        cache.update(sources=sources, versions=versions, counted=None not in versions, scaling=dict(self.scaling))
         self._stack_cache = cache
         return cache
 
