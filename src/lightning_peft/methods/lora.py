@@ -86,16 +86,27 @@ def release_batch_memos() -> None:
     _LAST_ROW_INDEX = _LAST_ROW_GROUPS = _LAST_SORTED = (None, None, None, None)
 
 
+def _row_slot_list(ids, names: tuple) -> list[int]:
+    """Each row's slot in a stack of ``names``: 1 + the adapter's position, 0 for the base (also
+    for an adapter this layer does not hold)."""
+    slot_of = {n: i + 1 for i, n in enumerate(names)}
+    return [slot_of.get(name, 0) for name in ids]
+
+
+def _row_index(ids, names: tuple, device: torch.device) -> torch.Tensor:
+    """:func:`_row_slot_list` as a ``[N]`` index tensor."""
+    return torch.tensor(_row_slot_list(ids, names), dtype=torch.long, device=device)
+
+
 def _group_rows(ids, names: tuple, device: torch.device):
-    """``(perm [G*m], inv [N], slots, G, m)`` to run a batch as G groups of m rows, one group per
+    """``(perm [G*m], inv [N], slots, G)`` to run a batch as G groups of m rows, one group per
     slot (adapter, or 0 for base), slots ascending; short groups are padded by repeating their first
     row (computed, never read back). ``slots`` is a slice when the slots are consecutive (the stack
     is then used as a view), else an index tensor. None when the padding would exceed
     ``_MAX_PAD_FRACTION`` of the rows."""
-    slot_of = {n: i + 1 for i, n in enumerate(names)}
     members: dict[int, list[int]] = {}
-    for row, name in enumerate(ids):
-        members.setdefault(slot_of.get(name, 0), []).append(row)  # not on this layer = base
+    for row, slot in enumerate(_row_slot_list(ids, names)):
+        members.setdefault(slot, []).append(row)
     order = sorted(members)
     rows, m = len(ids), max(len(group) for group in members.values())
     if len(order) * m - rows > rows * _MAX_PAD_FRACTION:
@@ -109,7 +120,17 @@ def _group_rows(ids, names: tuple, device: torch.device):
         perm.extend([group[0]] * (m - len(group)))
     consecutive = order == list(range(order[0], order[-1] + 1))
     slots = slice(order[0], order[-1] + 1) if consecutive else torch.tensor(order, device=device)
-    return (torch.tensor(perm, device=device), torch.tensor(inv, device=device), slots, len(order), m)
+    return torch.tensor(perm, device=device), torch.tensor(inv, device=device), slots, len(order)
+
+
+def _per_batch(last: tuple, ids, names: tuple, device: torch.device, build) -> tuple[tuple, object]:
+    """``(memo, value)``: the value memoised in ``last`` when it was built for this very ids object
+    (one per adapter_ids block), these adapter names and this device, else ``build(ids, names,
+    device)`` and its new memo. Lets every layer holding the same adapters share one build per batch."""
+    if last[0] is ids and last[1] == names and last[2] == device:
+        return last, last[3]
+    value = build(ids, names, device)
+    return (ids, names, device, value), value
 
 
 def _versions(tensors: list[torch.Tensor]) -> list[int | None]:
@@ -445,12 +466,7 @@ class LoraLayer(AdapterModule):
         ids = self.row_adapters
         if stack["rows"] is not None and stack["rows"][0] is ids and stack["rows"][1].device == device:
             return stack["rows"][1], stack["rows"][2]
-        last_ids, last_names, last_device, index = _LAST_ROW_INDEX
-        if not (last_ids is ids and last_names == stack["names"] and last_device == device):
-            slots = {n: i + 1 for i, n in enumerate(stack["names"])}
-            index = torch.tensor([slots.get(name, 0) for name in ids],  # an adapter not on this layer = base
-                                 dtype=torch.long, device=device)
-            _LAST_ROW_INDEX = (ids, stack["names"], device, index)
+        _LAST_ROW_INDEX, index = _per_batch(_LAST_ROW_INDEX, ids, stack["names"], device, _row_index)
         uses_dora = not stack["dora_names"].isdisjoint(ids)
         stack["rows"] = (ids, index, uses_dora)
         return index, uses_dora
@@ -463,12 +479,9 @@ class LoraLayer(AdapterModule):
         memo = stack["groups"]
         if memo is not None and memo[0] is ids and memo[2] == device:
             return memo[1]
-        last_ids, last_names, last_device, groups = _LAST_ROW_GROUPS
-        if not (last_ids is ids and last_names == stack["names"] and last_device == device):
-            groups = _group_rows(ids, stack["names"], device)
-            _LAST_ROW_GROUPS = (ids, stack["names"], device, groups)
+        _LAST_ROW_GROUPS, groups = _per_batch(_LAST_ROW_GROUPS, ids, stack["names"], device, _group_rows)
         if groups is not None and stack["dora_names"].isdisjoint(ids):
-            perm, inv, slots, count, _ = groups
+            perm, inv, slots, count = groups
             take = (lambda t: t[slots]) if isinstance(slots, slice) else (lambda t: t.index_select(0, slots))
             p = None if stack["p"] is None else take(stack["p"]).view(count, 1, 1)
             groups = (perm, inv, take(stack["A"]), take(stack["B"]), p)  # views of the stack when slots are consecutive
