@@ -3,8 +3,7 @@
 32 requests of 16 tokens (further rows: 128 tokens, and 1 token, a decoding step), spread
 round-robin over 8 adapters (r=16, alpha=32, all linear layers but lm_head), through the Llama
 of benchmarks/lora_step.py (hidden 256, 4 layers), fp32, ``model.eval()``, forward only under
-``torch.no_grad()``. Methods, all fed
-the same batch in the same run:
+``torch.no_grad()``. Methods, all fed the same batch in the same run:
 
     floor             ours, the whole batch through one adapter (what a mixed batch cannot beat)
     ours mixed        ours, ``with lp.adapter_ids(model, ids)``: row n through adapter ids[n]
