@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lightning_peft as lp
-from lightning_peft.callbacks.paged_optimizer import PagedOptimizer
+from lightning_peft.callbacks.paged_optimizer import OPTIMIZERS, PagedOptimizer, page_restored_state
 from plain_module import CausalLM, sequences
 
 
@@ -165,6 +165,76 @@ def test_resume_restores_the_bitsandbytes_state(tmp_path):
     _assert_same_state(snapshot.state_dict, saved)
     assert len(resumed.losses) == 2
     assert max(abs(a - b) for a, b in zip(resumed.losses, straight.losses[2:])) <= 1e-6
+
+
+class StopAtStart(L.Callback):
+    """The optimizer's state tensors right after the restore (and PagedOptimizer's re-paging, which
+    runs before this callback's hook); stops the run before its first step."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.optimizer = trainer.optimizers[0]
+        self.tensors = {(id(p), key): t for p, state in self.optimizer.state.items()
+                        for key, t in state.items() if key in ("state1", "state2")}
+        trainer.should_stop = True
+
+
+def _checkpoint_after_two_steps(tmp_path, module, optimizer="paged_adamw_8bit", strategy="lora"):
+    trainer = _trainer(strategy, [PagedOptimizer(optimizer, min_8bit_size=0)], max_steps=2)
+    trainer.fit(module, sequences(n=8))
+    trainer.save_checkpoint(tmp_path / "step2.ckpt")
+    return tmp_path / "step2.ckpt", copy.deepcopy(trainer.optimizers[0].state_dict())
+
+
+@pytest.mark.parametrize("optimizer", ["paged_adamw_8bit", "paged_adamw"])
+def test_resume_puts_the_moments_back_in_paged_buffers(tmp_path, monkeypatch, optimizer):
+    """bitsandbytes' load_state_dict leaves a resumed paged optimizer's moments in ordinary memory
+    (its first step moves them to the GPU as plain tensors); the callback copies each moment into the
+    buffer bitsandbytes' get_state_buffer allocates for its parameter when that buffer is paged. The
+    CPU has no paged memory, so a stand-in allocator flags its buffers as paged ones."""
+    ckpt, saved = _checkpoint_after_two_steps(tmp_path, CausalLM(), optimizer)
+    allocated = []
+
+    def paged_buffer(self, p, dtype=torch.float32):
+        buffer = torch.full_like(p, 7, dtype=dtype)  # not zeros: the copy must overwrite it
+        buffer.is_paged = True
+        allocated.append(buffer)
+        return buffer
+
+    monkeypatch.setattr(OPTIMIZERS[optimizer], "get_state_buffer", paged_buffer)
+    check = StopAtStart()
+    _trainer("lora", [PagedOptimizer(optimizer, min_8bit_size=0), check], max_steps=4).fit(
+        CausalLM(), sequences(n=8), ckpt_path=ckpt)
+    assert check.tensors and len(allocated) == len(check.tensors) == 2 * len(saved["state"])
+    assert all(getattr(t, "is_paged", False) for t in check.tensors.values())
+    assert {id(t) for t in check.tensors.values()} == {id(t) for t in allocated}
+    _assert_same_state(check.optimizer.state_dict(), saved)  # the saved moments, not the 7s
+
+
+def test_state_that_bitsandbytes_would_not_page_stays_as_restored(tmp_path):
+    """On the CPU (and for tensors under 1e5 elements on a GPU) bitsandbytes allocates plain buffers:
+    the restored tensors are kept, not copied."""
+    ckpt, saved = _checkpoint_after_two_steps(tmp_path, CausalLM())
+    check = StopAtStart()
+    _trainer("lora", [PagedOptimizer(min_8bit_size=0), check], max_steps=4).fit(
+        CausalLM(), sequences(n=8), ckpt_path=ckpt)
+    assert check.tensors and not any(getattr(t, "is_paged", False) for t in check.tensors.values())
+    _assert_same_state(check.optimizer.state_dict(), saved)
+    assert page_restored_state(check.optimizer) == 0
+
+
+@pytest.mark.skipif(os.environ.get("LP_TEST_ACCELERATOR") != "cuda", reason="paged memory needs a CUDA GPU "
+                    "(scripts/gpu_check.sh runs this with LP_TEST_ACCELERATOR=cuda)")
+def test_resumed_state_is_paged_on_cuda(tmp_path):
+    """On a GPU: LoRA r=256 on hidden 512 gives 131,072-element factors, above bitsandbytes' 1e5
+    paging threshold; after a resume their moments are paged again and hold the saved values."""
+    strategy = lambda: lp.PEFTStrategy(peft_config=lp.LoraConfig(r=256))  # noqa: E731
+    ckpt, saved = _checkpoint_after_two_steps(tmp_path, CausalLM(hidden=512), strategy=strategy())
+    check = StopAtStart()
+    _trainer(strategy(), [PagedOptimizer(min_8bit_size=0), check], max_steps=4).fit(
+        CausalLM(hidden=512), sequences(n=8), ckpt_path=ckpt)
+    large = [t for (pid, key), t in check.tensors.items() if t.numel() >= 1e5]
+    assert large and all(getattr(t, "is_paged", False) for t in large)
+    _assert_same_state(check.optimizer.state_dict(), saved)
 
 
 def test_resume_needs_the_optimizer_that_wrote_the_checkpoint(tmp_path):

@@ -78,6 +78,12 @@ class PagedOptimizer(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._swap_optimizers(trainer)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after Lightning's restore of a resumed run's optimizer state (fresh runs have none yet)
+        if self.optimizer.startswith("paged"):
+            for optimizer in trainer.strategy.optimizers:
+                page_restored_state(optimizer)
+
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         if trainer.state.fn == TrainerFn.FITTING:
@@ -140,6 +146,30 @@ class PagedOptimizer(Callback):
         if saved != self.optimizer:
             raise ValueError(f"PagedOptimizer({self.optimizer!r}): the checkpoint holds the state of "
                              f"PagedOptimizer({saved!r}). Resume with PagedOptimizer(optimizer={saved!r}).")
+
+
+def page_restored_state(optimizer: torch.optim.Optimizer) -> int:
+    """Put a resumed paged optimizer's moments back in paged memory; returns how many tensors moved.
+
+    bitsandbytes allocates paged buffers only when a state is first created. Its ``load_state_dict``
+    keeps the loaded tensors as they are, and its first step moves them to the GPU as ordinary
+    tensors, so a resumed run would hold in plain GPU memory what the uninterrupted run could page
+    out to CPU RAM (and run out of memory where that one did not). Each moment (``state1``,
+    ``state2``) not already paged is copied into the buffer bitsandbytes' own ``get_state_buffer``
+    allocates for its parameter, where that buffer is paged (CUDA, at least 1e5 elements); the
+    others (CPU, small tensors) stay as they are."""
+    moved = 0
+    for param, state in optimizer.state.items():
+        for key in ("state1", "state2"):
+            value = state.get(key)
+            if not torch.is_tensor(value) or getattr(value, "is_paged", False):
+                continue
+            buffer = optimizer.get_state_buffer(param, dtype=value.dtype)
+            if getattr(buffer, "is_paged", False):
+                buffer.copy_(value)
+                state[key] = buffer
+                moved += 1
+    return moved
 
 
 def _check_group(group: dict[str, Any], optimizer: torch.optim.Optimizer, where: str) -> None:
