@@ -22,11 +22,15 @@ round's own method / floor ratio (the two ran seconds apart: steadier on a busy 
     python benchmarks/multi_adapter.py                 # full size: 32 x 16, 32 x 128 and 32 x 1 tokens
     python benchmarks/multi_adapter.py --quick         # smoke test, a few seconds
     python benchmarks/multi_adapter.py --out table.md  # also write the markdown table to a file
+
+On Linux the script re-runs itself once with glibc's allocator thresholds fixed
+(``STEADY_ALLOCATOR``), unless both are already set in the environment.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -203,5 +207,19 @@ def main(argv=None) -> None:
         Path(args.out).write_text(text)
 
 
+# glibc's allocator adapts its mmap threshold as blocks are freed, so whether each layer's ~0.5-2 MB
+# activations and gathered weights are reused heap memory or fresh pages differs from process to
+# process and skews the methods unevenly (docs/benchmarks.md). Fixed thresholds make runs repeatable.
+STEADY_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "67108864", "MALLOC_TRIM_THRESHOLD_": "268435456"}
+
+
+def _steady_allocator() -> None:
+    """glibc reads these only at start-up: run this script again, once, with them set (values the
+    caller already set are kept)."""
+    if sys.platform.startswith("linux") and not STEADY_ALLOCATOR.keys() <= os.environ.keys():
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**STEADY_ALLOCATOR, **os.environ})
+
+
 if __name__ == "__main__":
+    _steady_allocator()
     main()
