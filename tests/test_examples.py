@@ -37,3 +37,11 @@ def test_callbacks_example_uses_all_three(tmp_path):
         "adapter_config.json", "adapter_model.safetensors", "training_state.ckpt"}
     assert Path(result["best"]).is_dir()
     assert (tmp_path / "merged" / "model.safetensors").is_file() and result["merge_error"] <= 1e-2
+
+
+def test_serve_adapters_mixed_batch_answers_each_row_as_its_adapter_alone():
+    main = runpy.run_path(str(ROOT / "examples" / "serve_adapters.py"))["main"]
+    result = main(["--steps", "40"])
+    assert result["accuracy"] >= 0.9 and result["base_accuracy"] <= 0.25  # the adapters learned; the base did not
+    assert result["logit_diff"] <= 1e-5 and result["same_tokens"]
+    assert result["swapped_accuracy"] >= 0.9 and result["pointers_kept"]
