@@ -39,8 +39,12 @@ def preference_pairs(n: int, vocab: int, seed: int) -> list[dict]:
 def preference_accuracy(model: torch.nn.Module, pairs: list[dict]) -> float:
     """Fraction of pairs whose chosen completion gets the higher log-probability."""
     batch = PreferenceCollator()(pairs)
-    model.eval()
-    logps = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels_mask"]).sum
+    was_training = model.training
+    model.eval()  # and back after: a model left in eval mode would train without its LoRA dropout
+    try:
+        logps = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels_mask"]).sum
+    finally:
+        model.train(was_training)
     half = len(pairs)
     return (logps[:half] > logps[half:]).float().mean().item()
 

@@ -58,3 +58,31 @@ def test_dpo_module_with_the_callbacks(tmp_path):
     assert (tmp_path / "adapters" / "last" / "adapter_model.safetensors").is_file()
     assert type(trainer.optimizers[0]).__name__ == "PagedAdamW8bit"
     assert merge.errors["rel"] <= 1e-2
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_alignment_modules_turn_dropout_off_unless_told_not_to(disable, recwarn):
+    """TRL's preference trainers disable dropout by default: a policy forward with dropout against
+    sampling / reference forwards without it makes the log-probability ratios noisy. With
+    disable_dropout=False a model left in eval mode trains without its dropout, and the strategy
+    says so."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lightning_peft.methods.lora import AdapterDropout
+
+    dpo = runpy.run_path(str(EXAMPLES / "dpo.py"))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64)).eval()
+    model.model.layers[0].mlp.dropout = torch.nn.Dropout(0.1)  # a module-level dropout of the base as well
+    loader = DataLoader(dpo["preference_pairs"](8, 64, seed=1), batch_size=8, collate_fn=PreferenceCollator())
+    L.Trainer(strategy="qlora", accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+              enable_checkpointing=False, enable_model_summary=False).fit(
+        DPOModule(model, disable_dropout=disable), loader)
+    dropouts = [m for m in model.modules() if isinstance(m, (torch.nn.Dropout, AdapterDropout))]
+    assert len(dropouts) == 8  # 7 LoRA layers (lora_dropout 0.05) and the base's one
+    assert all(m.p == 0 for m in dropouts) == disable
+    reported = [w for w in recwarn if "adapter dropout modules" in str(w.message)]
+    assert bool(reported) == (not disable)

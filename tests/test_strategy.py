@@ -146,3 +146,23 @@ def test_resuming_with_other_adapter_shapes_lists_them(tmp_path):
 def test_fsdp_on_cpu_errors_clearly():
     with pytest.raises(RuntimeError, match="needs CUDA GPUs.*qlora_ddp"):
         _trainer("qlora_fsdp", max_steps=1).fit(CausalLM(), sequences())
+
+
+@pytest.mark.parametrize("mode, lora_dropout, warns", [
+    ("eval", 0.05, True),    # a from_pretrained model: eval mode, which Lightning keeps
+    ("train", 0.05, False),
+    ("eval", 0.0, False),    # no dropout to lose
+])
+def test_adapter_dropout_left_off_by_eval_mode_is_reported(mode, lora_dropout, warns):
+    module = CausalLM()
+    module.model.train(mode == "train")
+    with pytest.warns() as caught:
+        _trainer(lp.PEFTStrategy(peft_config=lp.LoraConfig(r=4, lora_dropout=lora_dropout)), max_steps=1).fit(
+            module, sequences())
+    ours = [str(w.message) for w in caught if "adapter dropout modules" in str(w.message)]
+    if warns:
+        # 2 layers x 7 linear layers
+        assert len(ours) == 1 and "14 adapter dropout modules (p=0.05) are in eval mode" in ours[0]
+        assert "model.train() before trainer.fit" in ours[0] and "lora_dropout=0" in ours[0]
+    else:
+        assert not ours

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy, StrategyRegistry
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from .activation_checkpointing import enable_gradient_checkpointing
@@ -34,7 +34,8 @@ from .bigmodel import empty_init as _empty_init
 from .bigmodel import load_quantized
 from .checkpoint import check_tensors_fit, read_training_state
 from .config import AdapterConfig, LoraConfig, QuantConfig, config_from_dict
-from .inject import adapter_configs, adapter_parameters, inject_adapters, set_adapter
+from .inject import adapter_configs, adapter_modules, adapter_parameters, inject_adapters, set_adapter
+from .methods.lora import AdapterDropout
 from .quantize import logical_numel, quant_config, quantize_base
 
 CHECKPOINT_KEY = "lightning_peft"
@@ -163,6 +164,10 @@ class _PEFTSetup:
                        f"({100 * trainable / max(total, 1):.3f} %), quantization="
                        f"{self.quant_config.quant_type if self.quant_config else None}")
 
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        _warn_if_adapter_dropout_is_off(self.lightning_module)
+
     def teardown(self) -> None:
         module = self._lightning_module
         if module is None or not _meta_tensor_names(module):
@@ -212,6 +217,21 @@ class _PEFTSetup:
         rng_states = checkpoint.get(CHECKPOINT_KEY, {}).get("rng_states")
         if rng_states is not None:  # resume draws the same dropout masks as an uninterrupted run
             set_rng_states(rng_states)
+
+
+def _warn_if_adapter_dropout_is_off(module: nn.Module) -> None:
+    """Say so when adapters start training with their dropout switched off by eval mode: a model from
+    transformers' ``from_pretrained`` starts in eval mode, and Lightning (2.2+) keeps the mode it
+    finds, so the configured ``lora_dropout`` would silently not apply."""
+    off = [m for _, layer in adapter_modules(module) for m in layer.modules()
+           if not m.training and getattr(m, "p", 0) > 0 and isinstance(m, (nn.Dropout, AdapterDropout))]
+    if off:
+        rates = ", ".join(f"{p:g}" for p in sorted({m.p for m in off}))
+        rank_zero_warn(f"lightning-peft: {len(off)} adapter dropout modules (p={rates}) are in eval mode as training "
+                       f"starts, so the adapters train without their dropout. A model from transformers' "
+                       f"from_pretrained starts in eval mode and Lightning keeps the mode it finds. Call "
+                       f"model.train() before trainer.fit (or self.train() in your LightningModule's on_fit_start), "
+                       f"or set lora_dropout=0 to train without dropout on purpose.")
 
 
 def _meta_tensor_names(module: nn.Module) -> list[str]:

@@ -15,6 +15,8 @@ import lightning as L
 import torch
 from torch import nn
 
+from ..methods.lora import AdapterDropout
+from ..multi import clear_adapter_caches
 from .dpo import DPO_LOSS_TYPES, dpo_loss
 from .grpo import GRPO_LOSS_TYPES, grpo_loss
 from .logprobs import reference_logprobs, sequence_logprobs
@@ -28,6 +30,28 @@ def _pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torc
         ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
         attention[i, : len(row)] = 1
     return ids, attention
+
+
+def disable_dropout(model: nn.Module) -> int:
+    """Set ``p=0`` on every dropout module of ``model`` (torch's and the adapters'); returns how many
+    had ``p > 0``. Dropout in the policy's forward but not in the sampling or reference one makes
+    the log-probability ratios noisy; like TRL's preference trainers, the modules here turn it off by
+    default (``disable_dropout=True``). Dropout a model applies functionally (a config float such
+    as Llama's ``attention_dropout``, 0 by default) is not a module and is left as configured."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, (nn.modules.dropout._DropoutNd, AdapterDropout)) and module.p > 0:
+            module.p = 0.0
+            changed += 1
+    clear_adapter_caches(model)  # mixed-batch stacks keep each adapter's dropout rate
+    return changed
+
+
+class _DropoutOff(L.LightningModule):
+    def on_fit_start(self) -> None:
+        # after the strategy's setup, so the adapters it injected are covered too
+        if self.hparams.disable_dropout:
+            disable_dropout(self.model)
 
 
 class PreferenceCollator:
@@ -51,14 +75,16 @@ class PreferenceCollator:
         return {"input_ids": ids, "attention_mask": attention, "labels_mask": labels_mask}
 
 
-class DPOModule(L.LightningModule):
+class DPOModule(_DropoutOff):
     """DPO (or IPO) on a causal LM. Batches come from :class:`PreferenceCollator`.
 
     Logs ``{stage}_loss`` and ``{stage}/rewards_chosen``, ``rewards_rejected``, ``margin``,
-    ``accuracy`` (stage: ``train`` or ``val``)."""
+    ``accuracy`` (stage: ``train`` or ``val``). With ``disable_dropout`` (default) every dropout
+    module of the model gets ``p=0`` at fit start (:func:`disable_dropout`)."""
 
     def __init__(self, model: nn.Module, beta: float = 0.1, label_smoothing: float = 0.0,
-                 loss_type: str = "sigmoid", lr: float = 5e-5, reference_adapter: str | None = None) -> None:
+                 loss_type: str = "sigmoid", lr: float = 5e-5, reference_adapter: str | None = None,
+                 disable_dropout: bool = True) -> None:
         super().__init__()
         if loss_type not in DPO_LOSS_TYPES:
             raise ValueError(f"loss_type={loss_type!r}: choose one of {list(DPO_LOSS_TYPES)}.")
@@ -88,19 +114,22 @@ class DPOModule(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
 
 
-class GRPOModule(L.LightningModule):
+class GRPOModule(_DropoutOff):
     """GRPO on a causal LM with a user reward function.
 
     Each batch is a ``[G, P]`` tensor of prompts (equal length; token ids). For each prompt the
     current policy samples ``group_size`` completions of ``max_new_tokens`` tokens;
     ``reward_fn(prompts [G k, P], completions [G k, C]) -> rewards [G k]`` scores them; one policy
     update follows (so the sampling policy's log-probabilities are the detached current ones).
-    Logs ``train_loss``, ``train/reward``, ``train/kl``, ``train/clip_fraction``."""
+    Logs ``train_loss``, ``train/reward``, ``train/kl``, ``train/clip_fraction``. With
+    ``disable_dropout`` (default) every dropout module of the model gets ``p=0`` at fit start
+    (:func:`disable_dropout`): completions are sampled without dropout, so their log-probabilities
+    are computed without it too."""
 
     def __init__(self, model: nn.Module, reward_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                  group_size: int = 8, max_new_tokens: int = 16, temperature: float = 1.0, epsilon: float = 0.2,
                  beta: float = 0.0, loss_type: str = "grpo", lr: float = 1e-5,
-                 reference_adapter: str | None = None, pad_token_id: int = 0) -> None:
+                 reference_adapter: str | None = None, pad_token_id: int = 0, disable_dropout: bool = True) -> None:
         super().__init__()
         if loss_type not in GRPO_LOSS_TYPES:
             raise ValueError(f"loss_type={loss_type!r}: choose one of {list(GRPO_LOSS_TYPES)}.")

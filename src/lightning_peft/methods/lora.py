@@ -168,7 +168,7 @@ class AdapterDropout(nn.Module):
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
+        if not self.training or self.p == 0:  # p is set to 0 by alignment.disable_dropout
             return x
         return (x * (torch.rand_like(x) >= self.p)).mul_(1.0 / (1.0 - self.p))
 
