@@ -137,36 +137,6 @@ def _assert_same_state(restored: dict, saved: dict) -> None:
                 assert torch.equal(_flat(restored["state"][index])[key], tensor), (index, key)
 
 
-def test_resume_restores_the_bitsandbytes_state(tmp_path):
-    """Train 2 steps with 8-bit state, save, resume for 2 more: the restored state equals the saved
-    one and the resumed run's losses equal those of an uninterrupted 4-step run."""
-    L.seed_everything(0)
-    straight = CausalLM()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        _trainer("lora", [PagedOptimizer(min_8bit_size=0)], max_steps=4).fit(straight, sequences(n=8))
-    paged_warnings = [str(w.message) for w in caught if "paged" in str(w.message).lower()]
-    assert len(paged_warnings) == 1 and "on the CPU" in paged_warnings[0]  # ours; bitsandbytes' is muted
-
-    L.seed_everything(0)
-    first = CausalLM()
-    trainer = _trainer("lora", [PagedOptimizer(min_8bit_size=0)], max_steps=2)
-    trainer.fit(first, sequences(n=8))
-    trainer.save_checkpoint(tmp_path / "step2.ckpt")
-    saved = copy.deepcopy(trainer.optimizers[0].state_dict())
-    assert any(_flat(state)["state1"].dtype == torch.uint8 for state in saved["state"].values())
-
-    L.seed_everything(0)
-    resumed, snapshot = CausalLM(), Snapshot()
-    _trainer("lora", [PagedOptimizer(min_8bit_size=0), snapshot], max_steps=4).fit(
-        resumed, sequences(n=8), ckpt_path=tmp_path / "step2.ckpt")
-    assert isinstance(snapshot.optimizer, bnb.optim.PagedAdamW8bit)
-    assert snapshot.state_dict["state"][0]["step"] == 2
-    _assert_same_state(snapshot.state_dict, saved)
-    assert len(resumed.losses) == 2
-    assert max(abs(a - b) for a, b in zip(resumed.losses, straight.losses[2:])) <= 1e-6
-
-
 class StopAtStart(L.Callback):
     """The optimizer's state tensors right after the restore (and PagedOptimizer's re-paging, which
     runs before this callback's hook); stops the run before its first step."""
@@ -183,6 +153,32 @@ def _checkpoint_after_two_steps(tmp_path, module, optimizer="paged_adamw_8bit", 
     trainer.fit(module, sequences(n=8))
     trainer.save_checkpoint(tmp_path / "step2.ckpt")
     return tmp_path / "step2.ckpt", copy.deepcopy(trainer.optimizers[0].state_dict())
+
+
+def test_resume_restores_the_bitsandbytes_state(tmp_path):
+    """Train 2 steps with 8-bit state, save, resume for 2 more: the restored state equals the saved
+    one and the resumed run's losses equal those of an uninterrupted 4-step run."""
+    L.seed_everything(0)
+    straight = CausalLM()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer("lora", [PagedOptimizer(min_8bit_size=0)], max_steps=4).fit(straight, sequences(n=8))
+    paged_warnings = [str(w.message) for w in caught if "paged" in str(w.message).lower()]
+    assert len(paged_warnings) == 1 and "on the CPU" in paged_warnings[0]  # ours; bitsandbytes' is muted
+
+    L.seed_everything(0)
+    ckpt, saved = _checkpoint_after_two_steps(tmp_path, CausalLM())
+    assert any(_flat(state)["state1"].dtype == torch.uint8 for state in saved["state"].values())
+
+    L.seed_everything(0)
+    resumed, snapshot = CausalLM(), Snapshot()
+    _trainer("lora", [PagedOptimizer(min_8bit_size=0), snapshot], max_steps=4).fit(
+        resumed, sequences(n=8), ckpt_path=ckpt)
+    assert isinstance(snapshot.optimizer, bnb.optim.PagedAdamW8bit)
+    assert snapshot.state_dict["state"][0]["step"] == 2
+    _assert_same_state(snapshot.state_dict, saved)
+    assert len(resumed.losses) == 2
+    assert max(abs(a - b) for a, b in zip(resumed.losses, straight.losses[2:])) <= 1e-6
 
 
 @pytest.mark.parametrize("optimizer", ["paged_adamw_8bit", "paged_adamw"])

@@ -35,7 +35,7 @@ from .bigmodel import load_quantized
 from .checkpoint import check_tensors_fit, read_training_state
 from .config import AdapterConfig, LoraConfig, QuantConfig, config_from_dict
 from .inject import adapter_configs, adapter_modules, adapter_parameters, inject_adapters, set_adapter
-from .methods.lora import AdapterDropout
+from .methods.lora import DROPOUT_TYPES
 from .quantize import logical_numel, quant_config, quantize_base
 
 CHECKPOINT_KEY = "lightning_peft"
@@ -224,7 +224,7 @@ def _warn_if_adapter_dropout_is_off(module: nn.Module) -> None:
     transformers' ``from_pretrained`` starts in eval mode, and Lightning (2.2+) keeps the mode it
     finds, so the configured ``lora_dropout`` would silently not apply."""
     off = [m for _, layer in adapter_modules(module) for m in layer.modules()
-           if not m.training and getattr(m, "p", 0) > 0 and isinstance(m, (nn.Dropout, AdapterDropout))]
+           if isinstance(m, DROPOUT_TYPES) and m.p > 0 and not m.training]
     if off:
         rates = ", ".join(f"{p:g}" for p in sorted({m.p for m in off}))
         rank_zero_warn(f"lightning-peft: {len(off)} adapter dropout modules (p={rates}) are in eval mode as training "

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from ..methods.lora import AdapterDropout
+from ..methods.lora import DROPOUT_TYPES
 from ..multi import clear_adapter_caches
 from .dpo import DPO_LOSS_TYPES, dpo_loss
 from .grpo import GRPO_LOSS_TYPES, grpo_loss
@@ -40,7 +40,7 @@ def disable_dropout(model: nn.Module) -> int:
     as Llama's ``attention_dropout``, 0 by default) is not a module and is left as configured."""
     changed = 0
     for module in model.modules():
-        if isinstance(module, (nn.modules.dropout._DropoutNd, AdapterDropout)) and module.p > 0:
+        if isinstance(module, DROPOUT_TYPES) and module.p > 0:
             module.p = 0.0
             changed += 1
     clear_adapter_caches(model)  # mixed-batch stacks keep each adapter's dropout rate

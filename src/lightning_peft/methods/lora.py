@@ -176,6 +176,10 @@ class AdapterDropout(nn.Module):
         return f"p={self.p}"
 
 
+# every dropout module kind: torch's (nn.Dropout, Dropout1d/2d/3d, AlphaDropout) and the adapters'
+DROPOUT_TYPES = (nn.modules.dropout._DropoutNd, AdapterDropout)
+
+
 class LoraLayer(AdapterModule):
     """A base layer plus named LoRA/DoRA adapters; the base stays frozen and untouched.
 
