@@ -66,6 +66,28 @@ def _check_pattern(pattern: dict, field_name: str, kinds: tuple[type, ...]) -> d
     return dict(pattern)
 
 
+def _check_layers(config) -> None:
+    """``layers_to_transform`` / ``layers_pattern`` (PEFT's rules): an int or a list of ints, and a
+    pattern only together with layer indices; not with a regex ``target_modules``."""
+    layers, pattern = config.layers_to_transform, config.layers_pattern
+    if isinstance(layers, (tuple, set, frozenset)):
+        layers = config.layers_to_transform = sorted(layers)
+    if layers is not None and not (isinstance(layers, int) and not isinstance(layers, bool) and layers >= 0 or (
+            isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers))):
+        raise ValueError(f"layers_to_transform={layers!r}: give a layer index or a list of them (ints >= 0).")
+    if isinstance(pattern, (tuple, set, frozenset)):
+        pattern = config.layers_pattern = list(pattern)
+    if pattern is not None and not (isinstance(pattern, str) or isinstance(pattern, list)
+                                    and all(isinstance(p, str) for p in pattern)):
+        raise ValueError(f"layers_pattern={pattern!r}: give the name of the layer list (e.g. \"layers\", \"h\") "
+                         f"or a list of such names.")
+    if pattern and layers is None:
+        raise ValueError(f"layers_pattern={pattern!r} needs layers_to_transform: say which layer indices to adapt.")
+    if layers is not None and isinstance(config.target_modules, str):
+        raise ValueError(f"layers_to_transform cannot be used with a regex target_modules ({config.target_modules!r}): "
+                         f"list the module names instead, or put the layer indices into the regex.")
+
+
 class AdapterConfig(abc.ABC):
     """What every adapter config shares: ``peft_type``, ``to_dict`` (the ``adapter_config.json``
     content) and ``from_dict`` (ours or PEFT's file; unknown fields ignored with a warning)."""
@@ -145,6 +167,13 @@ class LoraConfig(AdapterConfig):
             name ends with it (PEFT's rule ``(.*\\.)?(key)$``).
         fan_in_fan_out: the base stores ``[in, out]`` (GPT-2 ``Conv1D``); set automatically for
             ``Conv1D`` layers, only needed for ``nn.Linear`` layers stored transposed.
+        layers_to_transform: adapt only the targets in these layers (an index or a list), the
+            layer index being the number after ``layers_pattern`` in the module path
+            (``model.layers.3.self_attn.q_proj`` is layer 3), or the first number in the path
+            when ``layers_pattern`` is None. Needs a list ``target_modules``.
+        layers_pattern: the name(s) of the layer list (``"layers"``, ``"h"``, ``"blocks"``).
+        lora_bias: ``lora_B`` gets a trainable bias (PEFT's ``lora_bias``); merging adds
+            ``s * bias`` to the base bias. Not with DoRA, embeddings or mixed-adapter batches.
     """
 
     r: int = 16
@@ -160,6 +189,9 @@ class LoraConfig(AdapterConfig):
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
     fan_in_fan_out: bool = False
+    layers_to_transform: Union[int, list[int], None] = None
+    layers_pattern: Union[str, list[str], None] = None
+    lora_bias: bool = False
 
     peft_type = "LORA"
 
@@ -185,9 +217,12 @@ class LoraConfig(AdapterConfig):
             self.modules_to_save = _check_names(list(self.modules_to_save), "modules_to_save")
         self.rank_pattern = _check_pattern(self.rank_pattern, "rank_pattern", (int,))
         self.alpha_pattern = _check_pattern(self.alpha_pattern, "alpha_pattern", (int, float))
-        for flag in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        for flag in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag}={getattr(self, flag)!r}: must be True or False.")
+        if self.lora_bias and self.use_dora:
+            raise ValueError("lora_bias=True with use_dora=True: PEFT does not combine them either; pick one.")
+        _check_layers(self)
 
     # ----------------------------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -200,9 +235,11 @@ class LoraConfig(AdapterConfig):
                                "init_lora_weights": self.init_lora_weights,
                                "modules_to_save": self.modules_to_save,
                                "rank_pattern": self.rank_pattern, "alpha_pattern": self.alpha_pattern}
-        for name in ("use_rslora", "use_dora", "exclude_modules"):
+        for name in ("use_rslora", "use_dora", "exclude_modules", "layers_pattern", "lora_bias"):
             if getattr(self, name):
                 out[name] = getattr(self, name)
+        if self.layers_to_transform is not None:
+            out["layers_to_transform"] = self.layers_to_transform
         return out
 
 
@@ -224,12 +261,14 @@ class IA3Config(AdapterConfig):
             second layer in the paper); names in it must appear in ``target_modules``.
         exclude_modules: matches are never adapted.
         fan_in_fan_out: the base stores ``[in, out]``; set automatically for ``Conv1D`` layers.
+        modules_to_save: modules (names or suffixes) trained fully, as per-adapter copies.
     """
 
     target_modules: TargetModules = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
     feedforward_modules: TargetModules = field(default_factory=lambda: ["down_proj"])
     exclude_modules: TargetModules = None
     fan_in_fan_out: bool = False
+    modules_to_save: Union[list[str], None] = None
 
     peft_type = "IA3"
     peft_off_values = {"init_ia3_weights": True}
@@ -247,11 +286,16 @@ class IA3Config(AdapterConfig):
                                  f"feed-forward modules are a subset of the targets; add them there too.")
         if not isinstance(self.fan_in_fan_out, bool):
             raise ValueError(f"fan_in_fan_out={self.fan_in_fan_out!r}: must be True or False.")
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+        if self.modules_to_save is not None:
+            self.modules_to_save = _check_names(list(self.modules_to_save), "modules_to_save")
 
     def to_dict(self) -> dict[str, Any]:
         out = {"peft_type": self.peft_type, "task_type": None, "target_modules": self.target_modules,
-               "feedforward_modules": self.feedforward_modules, "fan_in_fan_out": self.fan_in_fan_out,
-               "init_ia3_weights": True, "modules_to_save": None}
+               "feedforward_modules": self.feedforward_modules or [],  # PEFT refuses null
+               "fan_in_fan_out": self.fan_in_fan_out,
+               "init_ia3_weights": True, "modules_to_save": self.modules_to_save}
         if self.exclude_modules:
             out["exclude_modules"] = self.exclude_modules
         return out

@@ -85,6 +85,26 @@ def _matches(names, path: str) -> bool:
     return any(path == n or path.endswith("." + n) for n in names)
 
 
+def _layer_index(path: str, layers_pattern) -> int | None:
+    """The layer index in ``path`` (PEFT's rule): the number after ``layers_pattern``
+    (``model.layers.3.mlp`` -> 3), or without a pattern the first ``<name>.<number>.`` after a dot."""
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(\d+)\.", path)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        match = next((m for m in (re.match(rf"(?:^|.*?\.){p}\.(\d+)\.", path) for p in patterns) if m), None)
+    return int(match.group(1)) if match else None
+
+
+def _in_layers(names, path: str, layers, layers_pattern) -> bool:
+    """Whether ``path`` (a match of ``names``) passes ``layers_to_transform``; as in PEFT, a path
+    listed exactly, or a regex ``names``, is not filtered."""
+    if layers is None or layers == [] or isinstance(names, str) or path in names:
+        return True
+    index = _layer_index(path, layers_pattern)
+    return index is not None and (index == layers if isinstance(layers, int) else index in layers)
+
+
 def _pattern_value(pattern: dict, path: str, default):
     """The value of the first ``pattern`` key matching the end of ``path`` (PEFT's ``(.*\\.)?(key)$``)."""
     for key, value in pattern.items():
@@ -104,14 +124,17 @@ def _closest(name: str, paths: list[str]) -> list[str]:
         name, paths, n=5, cutoff=0.4)
 
 
-def _select(model: nn.Module, names, exclude=None, saved=None, each: bool = True) -> list[tuple[str, nn.Module]]:
+def _select(model: nn.Module, names, exclude=None, saved=None, each: bool = True, layers=None,
+            layers_pattern=None) -> list[tuple[str, nn.Module]]:
     """The user modules ``names`` selects (``"all-linear"``, a regex, or names / dotted suffixes),
-    minus ``exclude`` and ``saved`` (``modules_to_save``). ``each``: every listed name must match
-    something (else: one of them must); the error lists the closest module names."""
+    minus ``exclude`` and ``saved`` (``modules_to_save``), in ``layers`` (``layers_to_transform``)
+    only. ``each``: every listed name must match something (else: one of them must); the error
+    lists the closest module names."""
     modules = list(_user_modules(model))
     paths = [p for p, _ in modules]
     candidates = [(p, m) for p, m in modules
-                  if not (exclude and _matches(exclude, p)) and not (saved and _matches(saved, p))]
+                  if not (exclude and _matches(exclude, p)) and not (saved and _matches(saved, p))
+                  and _in_layers(names, p, layers, layers_pattern)]
     if names == "all-linear":
         heads = output_heads(model)
         targets = [(p, m) for p, m in candidates
@@ -123,7 +146,14 @@ def _select(model: nn.Module, names, exclude=None, saved=None, each: bool = True
         return targets
     targets = [(p, m) for p, m in candidates if _matches(names, p)]
     wanted = [names] if isinstance(names, str) else [[n] for n in names]
-    missing = [w for w in wanted if not any(_matches(w, p) for p, _ in targets)]
+    # a name counts as found when it matches a module, excluded or not: PEFT writes the names it was
+    # given next to the exclude list (target_modules=["lin0", "lin1"], exclude_modules=["lin1"])
+    missing = [w for w in wanted if not any(_matches(w, p) for p in paths)]
+    if not targets and not missing and layers is not None:
+        raise ValueError(f"target_modules={names!r} with layers_to_transform={layers!r}, layers_pattern="
+                         f"{layers_pattern!r} selects no module of {type(model).__name__}: no matching module sits "
+                         f"in those layers (the index is the number after layers_pattern in the module path, e.g. "
+                         f"model.layers.3.mlp). Fix the indices or the pattern.")
     if missing and (each or len(missing) == len(wanted)):
         name = missing[0] if isinstance(missing[0], str) else missing[0][0]
         raise ValueError(f"target module {name!r} matches no module of {type(model).__name__}. "
@@ -133,7 +163,8 @@ def _select(model: nn.Module, names, exclude=None, saved=None, each: bool = True
 
 
 def _find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
-    targets = _select(model, config.target_modules, config.exclude_modules, config.modules_to_save)
+    targets = _select(model, config.target_modules, config.exclude_modules, config.modules_to_save,
+                      layers=config.layers_to_transform, layers_pattern=config.layers_pattern)
     unsupported = [(p, type(m).__name__) for p, m in targets if base_kind(_unwrap(m)) is None]
     if unsupported:
         raise ValueError(f"target_modules selects modules LoRA cannot wrap: {unsupported[:5]}. LoRA wraps "
@@ -179,11 +210,7 @@ def _inject(model: nn.Module, config: AdapterConfig, adapter_name: str, loading:
 
 def _inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str, loading: bool) -> LoraConfig:
     targets = _find_targets(model, config)
-    saved = [(p, m) for p, m in _user_modules(model)
-             if config.modules_to_save and _matches(config.modules_to_save, p)]
-    if config.modules_to_save and not saved:
-        raise ValueError(f"modules_to_save={config.modules_to_save} matches no module; closest names: "
-                         f"{_closest(config.modules_to_save[0], [p for p, _ in _user_modules(model)])}.")
+    saved = _find_saved(model, config)
 
     # (_wrap_all sets each layer's train/eval mode after add_adapter: new dropout modules follow it)
     _wrap_all(model, targets, LoraLayer, "LoRA",
@@ -191,17 +218,33 @@ def _inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str, loadin
                   adapter_name, r=_pattern_value(config.rank_pattern, path, config.r),
                   lora_alpha=_pattern_value(config.alpha_pattern, path, config.lora_alpha),
                   lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
-                  use_dora=config.use_dora, init_lora_weights=config.init_lora_weights),
+                  use_dora=config.use_dora, init_lora_weights=config.init_lora_weights,
+                  lora_bias=config.lora_bias),
               make=lambda m: LoraLayer(m, fan_in_fan_out=config.fan_in_fan_out and isinstance(m, nn.Linear)))
+    _wrap_saved(model, saved, adapter_name)
+    return dataclasses.replace(config, target_modules=sorted(p for p, _ in targets),
+                               fan_in_fan_out=config.fan_in_fan_out or any(
+                                   base_kind(_unwrap(m)) == "conv1d" for _, m in targets))
+
+
+def _find_saved(model: nn.Module, config) -> list[tuple[str, nn.Module]]:
+    """The modules ``config.modules_to_save`` names (each name must match one)."""
+    saved = [(p, m) for p, m in _user_modules(model)
+             if config.modules_to_save and _matches(config.modules_to_save, p)]
+    if config.modules_to_save and not saved:
+        raise ValueError(f"modules_to_save={config.modules_to_save} matches no module; closest names: "
+                         f"{_closest(config.modules_to_save[0], [p for p, _ in _user_modules(model)])}.")
+    return saved
+
+
+def _wrap_saved(model: nn.Module, saved: list[tuple[str, nn.Module]], adapter_name: str) -> None:
+    """Give each ``(path, module)`` of ``saved`` a trainable copy for ``adapter_name``."""
     for path, module in saved:
         wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
         wrapper.add_adapter(adapter_name)
         wrapper.train(module.training)
         if wrapper is not module:
             replace_module(model, path, wrapper)
-    return dataclasses.replace(config, target_modules=sorted(p for p, _ in targets),
-                               fan_in_fan_out=config.fan_in_fan_out or any(
-                                   base_kind(_unwrap(m)) == "conv1d" for _, m in targets))
 
 
 def _wrap_all(model: nn.Module, targets, cls: type, method: str, add, make=None) -> None:
@@ -220,7 +263,8 @@ def _wrap_all(model: nn.Module, targets, cls: type, method: str, add, make=None)
 
 
 def _inject_ia3(model: nn.Module, config: IA3Config, adapter_name: str, loading: bool) -> IA3Config:
-    targets = _select(model, config.target_modules, config.exclude_modules)
+    targets = _select(model, config.target_modules, config.exclude_modules, config.modules_to_save)
+    saved = _find_saved(model, config)
     unsupported = [(p, type(_unwrap(m)).__name__) for p, m in targets
                    if base_kind(_unwrap(m)) not in ("linear", "conv1d")]
     if unsupported:
@@ -231,6 +275,7 @@ def _inject_ia3(model: nn.Module, config: IA3Config, adapter_name: str, loading:
     fan_in_fan_out = config.fan_in_fan_out
     _wrap_all(model, targets, IA3Layer, "(IA)^3", lambda layer, path: layer.add_adapter(adapter_name, path in feedforward),
               make=lambda m: IA3Layer(m, fan_in_fan_out=fan_in_fan_out and isinstance(m, nn.Linear)))
+    _wrap_saved(model, saved, adapter_name)
     return dataclasses.replace(config, target_modules=sorted(p for p, _ in targets),
                                feedforward_modules=sorted(feedforward) or None,
                                fan_in_fan_out=fan_in_fan_out or any(base_kind(_unwrap(m)) == "conv1d" for _, m in targets))

@@ -68,6 +68,7 @@ def merge_layer(layer: LoraLayer, name: str, allow_lossy: bool = False) -> float
     update lost to re-quantization, ``||W_q' - W_q - dW|| / ||dW||``."""
     if name in layer.merged:
         raise RuntimeError(f"adapter {name!r} is already merged into this layer.")
+    _refuse_lora_bias_without_base_bias([layer], name)
     with torch.no_grad():
         weight = layer.base_weight()
         merged, norm = merged_weight(layer, name, weight)
@@ -81,11 +82,28 @@ def merge_layer(layer: LoraLayer, name: str, allow_lossy: bool = False) -> float
             lost = ((realised - update).norm() / update.norm().clamp_min(1e-30)).item()
         else:
             layer.set_base_weight(merged)
+        _add_lora_bias(layer, name, +1)
         if norm is not None:
             layer.dora_merge_norms[name] = norm
     layer.merged.append(name)
     layer.clear_stack_cache()  # a re-quantized base is a new tensor: no version bump to see
     return lost
+
+
+def _refuse_lora_bias_without_base_bias(layers: list[LoraLayer], name: str) -> None:
+    for layer in layers:
+        if name in layer.lora_B and layer.lora_B[name].bias is not None and getattr(layer.base_layer, "bias", None) is None:
+            raise RuntimeError(f"adapter {name!r} has a lora_B bias (lora_bias=True) on a layer without a bias to fold it "
+                               f"into ({type(layer.base_layer).__name__}(bias=False)); keep the adapter unmerged (PEFT "
+                               f"cannot merge it either).")
+
+
+def _add_lora_bias(layer: LoraLayer, name: str, sign: int) -> None:
+    """Base bias ``+= sign * s * b_B`` for an adapter with a lora_B bias (``lora_bias``)."""
+    if name in layer.lora_B and layer.lora_B[name].bias is not None:
+        bias = layer.base_layer.bias
+        with torch.no_grad():
+            bias.copy_(bias.float() + sign * layer.scaling[name] * layer.lora_B[name].bias.float())
 
 
 _LOSSY_MESSAGE = (
@@ -110,6 +128,7 @@ def unmerge_layer(layer: LoraLayer, name: str) -> None:
             norm = layer.dora_merge_norms.pop(name)
             weight = weight * (norm / layer.lora_magnitude_vector[name].to(norm.dtype))[:, None]
         layer.set_base_weight(weight - delta)
+        _add_lora_bias(layer, name, -1)
     layer.merged.remove(name)
     layer.clear_stack_cache()
 
@@ -128,6 +147,7 @@ def merge_adapters(model: nn.Module, adapter_name: str | None = None, allow_loss
               if isinstance(m, (IA3Layer, BitFitLayer)) and name in m.adapter_names() and name not in m.merged]
     if not allow_lossy and any(m.quantized for m in layers):
         raise RuntimeError(_LOSSY_MESSAGE)
+    _refuse_lora_bias_without_base_bias(layers, name)
     if any(isinstance(m, IA3Layer) and m.quantized for m in others):
         raise RuntimeError(f"adapter {name!r} is (IA)^3 over a quantized base: scaling a 4-bit weight in place "
                            f"re-quantizes it and loses the update. Use lightning_peft.export_merged(model, directory) "

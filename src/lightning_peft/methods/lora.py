@@ -246,6 +246,8 @@ class LoraLayer(AdapterModule):
                      "lora_embedding_B": self.lora_embedding_B[name]}
         else:
             state = {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+            if self.lora_B[name].bias is not None:  # lora_bias
+                state["lora_B.bias"] = self.lora_B[name].bias
         if name in self.lora_magnitude_vector:
             state["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
         return state
@@ -257,10 +259,14 @@ class LoraLayer(AdapterModule):
 
     def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                     use_rslora: bool = False, use_dora: bool = False,
-                    init_lora_weights: bool | str = True) -> None:
-        """Create adapter ``name`` (rank ``r``) and initialise it; see :class:`LoraConfig`."""
+                    init_lora_weights: bool | str = True, lora_bias: bool = False) -> None:
+        """Create adapter ``name`` (rank ``r``) and initialise it; see :class:`LoraConfig`.
+        ``lora_bias``: ``lora_B`` has a bias (zero unless ``init_lora_weights=False``)."""
         if name in self.scaling:
             raise ValueError(f"adapter {name!r} already exists on this layer; choose another adapter_name.")
+        if lora_bias and (self.kind == "embedding" or use_dora):
+            raise ValueError("lora_bias=True works on linear layers without DoRA (as in PEFT); exclude the embedding "
+                             "(exclude_modules=[...]) or set use_dora=False.")
         out_features, in_features = self.out_features, self.in_features
         weight = self.base_layer.weight
         # adapters over a quantized base train in fp32 (as in QLoRA); else in the base's dtype
@@ -276,7 +282,7 @@ class LoraLayer(AdapterModule):
             self.lora_embedding_B[name] = nn.Parameter(torch.empty(out_features, r, **factory))
         else:
             self.lora_A[name] = nn.Linear(in_features, r, bias=False, **factory)
-            self.lora_B[name] = nn.Linear(r, out_features, bias=False, **factory)
+            self.lora_B[name] = nn.Linear(r, out_features, bias=lora_bias, **factory)
         self.lora_dropout[name] = AdapterDropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.scaling[name] = lora_scaling(lora_alpha, r, use_rslora)
         self.clear_stack_cache()
@@ -299,10 +305,15 @@ class LoraLayer(AdapterModule):
                     nn.init.normal_(A, std=1.0 / A.shape[0])
                 else:
                     nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+                bias = self.lora_B[name].bias
                 if init is False:  # random B: the adapter is "already trained" (tests, benchmarks)
                     nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+                    if bias is not None:
+                        nn.init.uniform_(bias, -1 / math.sqrt(B.shape[1]), 1 / math.sqrt(B.shape[1]))
                 else:
                     nn.init.zeros_(B)
+                    if bias is not None:
+                        nn.init.zeros_(bias)
 
     def _init_pissa(self, name: str) -> None:
         """A, B from the top-r singular triplets of W; the base keeps the residual.
@@ -355,6 +366,9 @@ class LoraLayer(AdapterModule):
         shrunk = F.linear(self.lora_dropout[name](x).to(A.dtype), A)
         if name in self.lora_magnitude_vector:
             return self._dora(result, F.linear(shrunk, B), name)
+        if self.lora_B[name].bias is not None:  # lora_bias: s * (B shrunk + b_B)
+            return torch.add(result, F.linear(shrunk, B, self.lora_B[name].bias).to(result.dtype),
+                             alpha=self.scaling[name])
         if not result.dtype == shrunk.dtype == B.dtype:  # autocast, or fp32 adapters over a bf16 4-bit base
             return torch.add(result, F.linear(shrunk, B).to(result.dtype), alpha=self.scaling[name])
         # y = result + s * shrunk @ B^T as one addmm: no separate [tokens, out] product and add pass
@@ -503,6 +517,10 @@ class LoraLayer(AdapterModule):
             raise ValueError(f"adapter_ids gave {rows} ids, but this layer got a batch of {x.shape[0]} rows "
                              f"(input {tuple(x.shape)}); give one id per row of the batch (with beam search or "
                              f"num_return_sequences, repeat each id for every copy of its row).")
+        biased = sorted({n for n in self.row_adapters if n in self.lora_B and self.lora_B[n].bias is not None})
+        if biased:
+            raise ValueError(f"adapters {biased} have a lora_B bias (lora_bias=True), which mixed-adapter batches do not "
+                             f"support; run their rows in a batch of their own (use_adapter).")
         stack = self._stack()
         A_stack, B_stack = stack["A"], stack["B"]
         # short rows (fewer tokens than the stacked rank: decoding, short requests) run grouped by
