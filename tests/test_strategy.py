@@ -143,11 +143,6 @@ def test_resuming_with_other_adapter_shapes_lists_them(tmp_path):
     assert "same peft_config" in message and "'r': 4" in message and "'r': 8" in message
 
 
-def test_fsdp_on_cpu_errors_clearly():
-    with pytest.raises(RuntimeError, match="needs CUDA GPUs.*qlora_ddp"):
-        _trainer("qlora_fsdp", max_steps=1).fit(CausalLM(), sequences())
-
-
 @pytest.mark.parametrize("mode, lora_dropout, warns", [
     ("eval", 0.05, True),    # a from_pretrained model: eval mode, which Lightning keeps
     ("train", 0.05, False),

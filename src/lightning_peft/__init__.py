@@ -17,7 +17,8 @@ from .multi import adapter_ids, clear_adapter_caches, combine_adapters, hot_swap
 from .quantize import MemoryReport, memory_report, quantize_base
 from .recipe import recipe_optimizer
 from .report import AdapterReport, adapter_report
-from .strategy import PEFTDDPStrategy, PEFTFSDPStrategy, PEFTStrategy, register_strategies, restore_adapters
+from .fsdp import PEFTFSDPStrategy
+from .strategy import PEFTDDPStrategy, PEFTStrategy, register_strategies, restore_adapters
 
 register_strategies()
 

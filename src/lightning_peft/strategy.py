@@ -17,7 +17,6 @@ FSDP strategies. Lightning's call order sets the constraints (DESIGN.md section 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 from contextlib import contextmanager
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy, StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
@@ -353,52 +352,6 @@ class PEFTDDPStrategy(_PEFTSetup, DDPStrategy):
                     torch.distributed.broadcast(tensor.data, src=0)
 
 
-class PEFTFSDPStrategy(_PEFTSetup, FSDPStrategy):
-    """Sharded PEFT over FSDP (CUDA only). A 4-bit base is stored in the compute dtype
-    (``quant_storage``) so FSDP can flatten it with the float parameters; ``use_orig_params``
-    lets frozen and trainable tensors share a unit."""
-
-    def __init__(self, peft_config: LoraConfig | None = None, quantization: None | str | QuantConfig = None,
-                 **kwargs: Any) -> None:
-        quant = _as_quant_config(quantization)
-        if quant is not None and quant.is_4bit and quant.quant_storage != quant.compute_dtype:
-            quant = dataclasses.replace(quant, quant_storage=quant.compute_dtype)
-        kwargs.setdefault("use_orig_params", True)
-        super().__init__(peft_config=peft_config, quantization=quant, **kwargs)
-
-    def _prepare_module(self, module: nn.Module) -> None:
-        super()._prepare_module(module)
-        if "auto_wrap_policy" not in self.kwargs:
-            self.kwargs["auto_wrap_policy"] = peft_wrap_policy(module)
-
-    def setup_environment(self) -> None:
-        if self.root_device.type != "cuda":
-            raise RuntimeError(f"strategy 'qlora_fsdp' needs CUDA GPUs (bitsandbytes 4-bit layers under FSDP); this "
-                               f"run is on {self.root_device.type!r}. On CPU use strategy='qlora' (one process) or "
-                               f"'qlora_ddp' (several processes, gloo).")
-        super().setup_environment()
-
-
-def peft_wrap_policy(module: nn.Module):
-    """FSDP auto-wrap policy: each transformer block (the classes a transformers model lists in
-    ``_no_split_modules``) is a unit, and so is each adapter factor (``lora_A``/``lora_B`` layers and
-    other leaves with trainable tensors), so trainable and frozen tensors do not share a flat
-    parameter with one ``requires_grad``."""
-    from functools import partial
-
-    from torch.distributed.fsdp.wrap import _or_policy, lambda_auto_wrap_policy
-
-    block_names = {name for m in module.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
-
-    def is_unit(m: nn.Module) -> bool:
-        if type(m).__name__ in block_names:
-            return True
-        own = list(m.parameters(recurse=False))
-        return not list(m.children()) and bool(own) and all(p.requires_grad for p in own)
-
-    return partial(_or_policy, policies=[partial(lambda_auto_wrap_policy, lambda_fn=is_unit)])
-
-
 def _recipe(use_dora: bool = False) -> LoraConfig:
     """The practical recipe: r=16, alpha=32, dropout 0.05, all linear layers."""
     return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", use_dora=use_dora)
@@ -413,13 +366,18 @@ REGISTERED = {
     "qdora": (PEFTStrategy, dict(peft_config=_recipe(use_dora=True), quantization=NF4)),
     "lora_ddp": (PEFTDDPStrategy, dict(peft_config=_recipe(), quantization=None)),
     "qlora_ddp": (PEFTDDPStrategy, dict(peft_config=_recipe(), quantization=NF4)),
-    "qlora_fsdp": (PEFTFSDPStrategy, dict(peft_config=_recipe(), quantization=NF4)),
 }
 
 
 def register_strategies() -> None:
-    """Register the names above with Lightning (done on ``import lightning_peft``)."""
-    for name, (cls, params) in REGISTERED.items():
+    """Register the names above and the sharded ones (``lora_fsdp``, ``qlora_fsdp``, from
+    :mod:`lightning_peft.fsdp`) with Lightning (done on ``import lightning_peft``)."""
+    from .fsdp import PEFTFSDPStrategy  # it builds on this module
+
+    registered = {**REGISTERED,
+                  "lora_fsdp": (PEFTFSDPStrategy, dict(peft_config=_recipe(), quantization=None)),
+                  "qlora_fsdp": (PEFTFSDPStrategy, dict(peft_config=_recipe(), quantization=NF4))}
+    for name, (cls, params) in registered.items():
         if cls is PEFTStrategy:
             params = {**params, "registered_name": name}
         StrategyRegistry.register(name, cls, description=f"lightning-peft: {name}", override=True, **params)

@@ -24,6 +24,7 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ..checkpoint import TRAINING_STATE, read_training_state, save_adapter
+from ..fsdp import gathered_adapters
 from ..inject import adapter_configs
 from ..strategy import (CHECKPOINT_KEY, _PEFTSetup, check_checkpoint_adapters, adapter_state_keys, checkpoint_meta,
                         set_rng_states)
@@ -111,8 +112,9 @@ class AdapterCheckpoint(ModelCheckpoint):
         keys = adapter_state_keys(module)  # the strategy may not be ours: drop the base here
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
         checkpoint.setdefault(CHECKPOINT_KEY, checkpoint_meta(module))
-        if trainer.is_global_zero:
-            _write_directory(Path(filepath), module, checkpoint)
+        with gathered_adapters(module):  # FSDP: every rank gathers the shards, rank 0 writes
+            if trainer.is_global_zero:
+                _write_directory(Path(filepath), module, checkpoint)
         trainer.strategy.barrier("AdapterCheckpoint._save_checkpoint")
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
