@@ -16,7 +16,6 @@ import lightning_peft as lp
     (dict(init_lora_weights="olora"), r"\[True, False, 'gaussian', 'pissa'\]"),
     (dict(target_modules="q_proj("), "not a valid regular expression"),
     (dict(target_modules=[]), "empty list"),
-    (dict(target_modules=None), "all-linear"),
     (dict(rank_pattern={"q_proj": 0}), "positive number"),
     (dict(alpha_pattern={"q_proj": "x"}), "positive number"),
     (dict(use_dora="yes"), "True or False"),

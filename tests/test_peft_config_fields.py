@@ -101,3 +101,101 @@ def test_ia3_modules_to_save():
         "head.modules_to_save.default.weight", "head.modules_to_save.default.bias"}
     assert lp.adapter_configs(model)["default"].to_dict()["modules_to_save"] == ["head"]
     assert lp.adapter_configs(model)["default"].to_dict()["feedforward_modules"] == []  # PEFT refuses null
+
+
+def test_peft_adapters_carrying_the_base_embedding_load(tmp_path):
+    """PEFT saves the base weight of an adapted embed_tokens (save_embedding_layers="auto"), and
+    the input/output embeddings with save_embedding_layers=True: both load here (the weights go
+    into the model, as in PEFT), and our file of an adapted embed_tokens has PEFT's keys."""
+    import peft
+    from safetensors.torch import load_file
+
+    from conftest import tiny_llama, token_batch
+
+    x = token_batch()
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(target_modules=["embed_tokens", "q_proj"], r=4,
+                                                               init_lora_weights=False))
+    with torch.no_grad():  # a base embedding that differs from the fresh model's: it must be loaded
+        theirs.base_model.model.model.embed_tokens.base_layer.weight.mul_(1.5)
+        expected = theirs(x).logits
+    theirs.save_pretrained(tmp_path / "auto")
+    peft_keys = set(load_file(str(tmp_path / "auto" / "adapter_model.safetensors")))
+    assert "base_model.model.model.embed_tokens.base_layer.weight" in peft_keys
+    ours = lp.load_adapter(tiny_llama(), tmp_path / "auto").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits, expected, rtol=1e-4, atol=1e-5)
+    lp.save_adapter(ours, tmp_path / "ours")
+    assert set(load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))) == peft_keys
+
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(target_modules=["q_proj"], r=4, init_lora_weights=False))
+    with torch.no_grad():
+        theirs.base_model.model.lm_head.weight.mul_(0.5)
+        expected = theirs(x).logits
+    theirs.save_pretrained(tmp_path / "explicit", save_embedding_layers=True)
+    ours = lp.load_adapter(tiny_llama(), tmp_path / "explicit").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits, expected, rtol=1e-4, atol=1e-5)
+    # trained with a resized vocabulary: the error says to resize first
+    with pytest.raises(ValueError, match="resize the model's embeddings"):
+        lp.load_adapter(tiny_llama(vocab=96), tmp_path / "explicit")
+
+
+def _tiny(kind: str):
+    """A tiny transformers model of architecture ``kind``, from its config (no download)."""
+    import transformers as tf
+
+    common = dict(vocab_size=64, max_position_embeddings=32)
+    configs = {
+        "llama": (tf.LlamaConfig, dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       num_key_value_heads=1)),
+        "qwen2": (tf.Qwen2Config, dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       num_key_value_heads=1)),
+        "gemma": (tf.GemmaConfig, dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       num_key_value_heads=1, head_dim=8)),
+        "opt": (tf.OPTConfig, dict(hidden_size=16, ffn_dim=32, num_hidden_layers=1, num_attention_heads=2,
+                                   word_embed_proj_dim=16)),
+        "gpt2": (tf.GPT2Config, dict(n_embd=16, n_layer=1, n_head=2, n_positions=32)),
+        "gptj": (tf.GPTJConfig, dict(n_embd=16, n_layer=1, n_head=2, n_positions=32, rotary_dim=4)),
+        "gpt_neox": (tf.GPTNeoXConfig, dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2)),
+        "falcon": (tf.FalconConfig, dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2)),
+        "phi": (tf.PhiConfig, dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)),
+    }
+    cls, kwargs = configs[kind]
+    config = cls(**{**common, **kwargs})
+    if kind in ("gpt2", "gptj"):
+        config.vocab_size = 64
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(config).eval()
+
+
+ARCHITECTURES = ["llama", "qwen2", "gemma", "opt", "gpt2", "gptj", "gpt_neox", "falcon", "phi"]
+
+
+@pytest.mark.parametrize("kind", ARCHITECTURES)
+def test_default_targets_follow_peft_per_architecture(kind):
+    """IA3Config() and LoraConfig(target_modules=None) adapt the modules PEFT adapts by default on
+    each architecture ((IA)^3: the same feed-forward ones too)."""
+    import peft
+
+    for ours_config, theirs_config in ((lp.IA3Config(), peft.IA3Config()),
+                                       (lp.LoraConfig(target_modules=None), peft.LoraConfig())):
+        theirs = peft.get_peft_model(_tiny(kind), theirs_config)
+        expected = {p.removeprefix("base_model.model."): getattr(m, "is_feedforward", None)
+                    for p, m in theirs.named_modules() if hasattr(m, "base_layer") and (
+                        hasattr(m, "ia3_l") or hasattr(m, "lora_A"))}
+        ours = lp.inject_adapters(_tiny(kind), ours_config)
+        from lightning_peft.methods import IA3Layer
+        got = {p: (m.feedforward["default"] if isinstance(m, IA3Layer) else None)
+               for p, m in ours.named_modules() if isinstance(m, (IA3Layer, LoraLayer))}
+        assert got == expected and got, (kind, type(ours_config).__name__)
+
+
+def test_default_targets_on_a_model_outside_the_table_say_what_to_do():
+    with pytest.raises(ValueError, match="no default target modules.*Name the layers yourself"):
+        lp.inject_adapters(Stack(), lp.IA3Config())
+    with pytest.raises(ValueError, match="no default target modules"):
+        lp.inject_adapters(Stack(), lp.LoraConfig(target_modules=None))
+    # named targets on such a model: nothing is feed-forward unless named so
+    model = lp.inject_adapters(Stack(), lp.IA3Config(target_modules=["q"]))
+    assert not any(m.feedforward["default"] for m in model.modules() if hasattr(m, "feedforward"))

@@ -23,6 +23,7 @@ from torch import nn
 
 from .atomic import atomic_write
 from .config import AdapterConfig, config_from_dict
+from .methods import AdapterModule
 from .inject import _inject, adapter_configs, adapter_modules, adapter_owner, adapter_parameters, delete_adapter, set_adapter
 
 CONFIG_NAME = "adapter_config.json"
@@ -49,6 +50,47 @@ def adapter_tensors(model: nn.Module, adapter_name: str = "default") -> dict[str
     return tensors
 
 
+# PEFT's EMBEDDING_LAYER_NAMES: an adapted module of this name gets its base weight saved with the adapter
+_EMBEDDING_NAMES = ("embed_tokens", "lm_head")
+
+
+def _embedding_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(path, module)`` of the model's input and output embeddings (``get_input_embeddings`` /
+    ``get_output_embeddings``, adapter wrappers included), relative to ``model``."""
+    found = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        method = getattr(type(model), getter, None)
+        try:
+            layer = method(model) if callable(method) else None
+        except (AttributeError, NotImplementedError):
+            layer = None
+        if layer is None:
+            continue
+        for path, module in model.named_modules():
+            if module is layer or getattr(module, "base_layer", None) is layer:
+                found.append((path, module))
+                break
+    return found
+
+
+def embedding_base_weights(model: nn.Module, adapter_name: str, saving: bool) -> dict[str, torch.Tensor]:
+    """Base embedding weights that travel with an adapter, as PEFT's ``save_embedding_layers``:
+    ``{file key: live weight}``. Saving (PEFT's "auto" rule): the base weight of an adapted
+    ``embed_tokens`` / ``lm_head`` (``<path>.base_layer.weight``). Loading: any of the model's
+    input / output embedding weights a PEFT file may carry (also ``<path>.weight`` of an embedding
+    saved with ``save_embedding_layers=True`` without being adapted, e.g. after resizing the vocabulary)."""
+    model = adapter_owner(model) or model
+    weights = {}
+    for path, module in _embedding_modules(model):
+        wrapped = isinstance(module, AdapterModule) and module.wrapped_attr == "base_layer"
+        if wrapped and adapter_name in module.adapter_names():
+            if not saving or path.rsplit(".", 1)[-1] in _EMBEDDING_NAMES:
+                weights[f"{KEY_PREFIX}{path}.base_layer.weight"] = module.base_layer.weight
+        elif not saving and not isinstance(module, AdapterModule) and isinstance(getattr(module, "weight", None), torch.Tensor):
+            weights[f"{KEY_PREFIX}{path}.weight"] = module.weight
+    return weights
+
+
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
     """Write adapter ``adapter_name`` of ``model`` to ``directory`` (created if needed).
 
@@ -62,7 +104,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         raise ValueError(f"no adapter named {adapter_name!r} to save; this model has {list(configs)}.")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: t.detach().to("cpu").contiguous() for k, t in adapter_tensors(model, adapter_name).items()}
+    tensors = {**embedding_base_weights(model, adapter_name, saving=True), **adapter_tensors(model, adapter_name)}
+    tensors = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     config = configs[adapter_name].to_dict()
     config["base_model_name_or_path"] = getattr(adapter_owner(model), "name_or_path", None) or None
@@ -146,13 +189,19 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     # A prefix saved from a projection MLP is loaded as the prefix itself (PEFT does the same).
     _inject(model, config, adapter_name, loading=True)
     expected = adapter_tensors(model, adapter_name)
+    # base embedding weights saved with the adapter (PEFT's save_embedding_layers): loaded into the model
+    base = {k: t for k, t in embedding_base_weights(model, adapter_name, saving=False).items() if k in loaded}
+    expected_all = {**base, **expected}
     try:
-        check_tensors_fit(expected, loaded, str(directory / WEIGHTS_NAME))
+        check_tensors_fit(expected_all, loaded, str(directory / WEIGHTS_NAME), extra=(
+            f"The file carries base embedding weights {sorted(base)} (PEFT's save_embedding_layers); if their "
+            f"shapes differ, the vocabulary was resized in training: resize the model's embeddings to the file's "
+            f"size first (transformers: model.resize_token_embeddings(n))." if base else None))
     except ValueError:
         delete_adapter(model, adapter_name)
         raise
     with torch.no_grad():
-        for key, tensor in expected.items():
+        for key, tensor in expected_all.items():
             tensor.copy_(loaded[key].to(tensor.dtype))
     set_adapter(model, adapter_name, trainable=trainable)
     return model

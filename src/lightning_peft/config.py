@@ -153,8 +153,9 @@ class LoraConfig(AdapterConfig):
         lora_alpha: numerator of the scaling (``alpha_pattern`` overrides it per module).
         lora_dropout: dropout on the adapter branch input.
         target_modules: ``"all-linear"`` (every ``nn.Linear``/``Conv1D`` but the output head), a
-            list of module names (exact name or dotted suffix, e.g. ``"q_proj"``), or a regex that
-            must match the full module name.
+            list of module names (exact name or dotted suffix, e.g. ``"q_proj"``), a regex that
+            must match the full module name, or None: PEFT's default for the model's architecture
+            (``config.model_type``: ``["q_proj", "v_proj"]`` for Llama, ``["c_attn"]`` for GPT-2, ...).
         exclude_modules: same forms as ``target_modules``; matches are never adapted.
         use_rslora: scale by ``alpha / sqrt(r)`` (stable at high rank).
         use_dora: DoRA, a learned magnitude per output row over the normalised ``W + s B A``.
@@ -202,8 +203,6 @@ class LoraConfig(AdapterConfig):
             raise ValueError(f"lora_alpha={self.lora_alpha!r}: must be a positive number (the recipe uses 2 * r).")
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout={self.lora_dropout!r}: must be in [0, 1).")
-        if self.target_modules is None:
-            raise ValueError('target_modules=None: name the layers to adapt, e.g. "all-linear" or ["q_proj", "v_proj"].')
         self.target_modules = _check_names(self.target_modules, "target_modules")
         self.exclude_modules = _check_names(self.exclude_modules, "exclude_modules")
         if self.init_lora_weights not in INIT_CHOICES or (
@@ -255,17 +254,22 @@ class IA3Config(AdapterConfig):
 
     Args:
         target_modules: names, dotted suffixes or a regex (as in :class:`LoraConfig`), or
-            ``"all-linear"``. The default is the IA3 paper's choice for Llama-style models: keys,
-            values and the FFN's down projection.
+            ``"all-linear"``. The default (None) is PEFT's choice for the model's architecture
+            (``config.model_type``): keys, values and the FFN's down projection for Llama
+            (``["k_proj", "v_proj", "down_proj"]``), ``["q_proj", "v_proj", "down_proj"]`` for
+            Qwen2 / Gemma, ``["c_attn", "mlp.c_proj"]`` for GPT-2, ``["q_proj", "k_proj", "fc2"]``
+            for OPT, ...; a model outside that table needs the names.
         feedforward_modules: the subset of ``target_modules`` scaled on the input side (the FFN's
-            second layer in the paper); names in it must appear in ``target_modules``.
+            second layer in the paper); names in it must appear in ``target_modules``. None: the
+            architecture's feed-forward modules in PEFT's table that are targeted (``down_proj``
+            for Llama), none for a model outside the table.
         exclude_modules: matches are never adapted.
         fan_in_fan_out: the base stores ``[in, out]``; set automatically for ``Conv1D`` layers.
         modules_to_save: modules (names or suffixes) trained fully, as per-adapter copies.
     """
 
-    target_modules: TargetModules = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
-    feedforward_modules: TargetModules = field(default_factory=lambda: ["down_proj"])
+    target_modules: TargetModules = None
+    feedforward_modules: TargetModules = None
     exclude_modules: TargetModules = None
     fan_in_fan_out: bool = False
     modules_to_save: Union[list[str], None] = None
@@ -274,8 +278,6 @@ class IA3Config(AdapterConfig):
     peft_off_values = {"init_ia3_weights": True}
 
     def __post_init__(self) -> None:
-        if self.target_modules is None:
-            raise ValueError('target_modules=None: name the layers to scale, e.g. ["k_proj", "v_proj", "down_proj"].')
         self.target_modules = _check_names(self.target_modules, "target_modules")
         self.feedforward_modules = _check_names(self.feedforward_modules or None, "feedforward_modules")
         self.exclude_modules = _check_names(self.exclude_modules, "exclude_modules")

@@ -28,6 +28,7 @@ from .methods.bitfit import bias_size
 from .methods.lora import base_kind
 from .methods.prompt import inject_prompt_learning
 from .modules import find_attribute, output_heads, replace_module
+from .targets import IA3_TARGETS, LORA_TARGETS, default_targets
 
 CONFIGS_ATTR = "lp_adapter_configs"
 
@@ -163,6 +164,10 @@ def _select(model: nn.Module, names, exclude=None, saved=None, each: bool = True
 
 
 def _find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+    if config.target_modules is None:  # PEFT's default for the architecture
+        config = dataclasses.replace(config, target_modules=default_targets(
+            LORA_TARGETS, model, "LoraConfig(target_modules=None)",
+            'LoraConfig(target_modules="all-linear") or LoraConfig(target_modules=["q_proj", "v_proj"])'))
     targets = _select(model, config.target_modules, config.exclude_modules, config.modules_to_save,
                       layers=config.layers_to_transform, layers_pattern=config.layers_pattern)
     unsupported = [(p, type(m).__name__) for p, m in targets if base_kind(_unwrap(m)) is None]
@@ -263,6 +268,21 @@ def _wrap_all(model: nn.Module, targets, cls: type, method: str, add, make=None)
 
 
 def _inject_ia3(model: nn.Module, config: IA3Config, adapter_name: str, loading: bool) -> IA3Config:
+    if config.target_modules is None or config.feedforward_modules is None:  # PEFT's table per architecture
+        try:
+            targets, feedforward = default_targets(IA3_TARGETS, model, "IA3Config()", 'IA3Config(target_modules=['
+                                                   '"k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])')
+        except ValueError:
+            if config.target_modules is None:
+                raise
+            targets, feedforward = config.target_modules, []  # named targets, no table: none feed-forward
+        if config.target_modules is None:
+            config = dataclasses.replace(config, target_modules=targets)
+        if config.feedforward_modules is None:
+            named = config.target_modules  # the targets that are (or end with) a feed-forward name of the table
+            chosen = list(feedforward) if isinstance(named, str) else [
+                n for n in named if any(n == f or n.endswith("." + f) for f in feedforward)]
+            config = dataclasses.replace(config, feedforward_modules=chosen or None)
     targets = _select(model, config.target_modules, config.exclude_modules, config.modules_to_save)
     saved = _find_saved(model, config)
     unsupported = [(p, type(_unwrap(m)).__name__) for p, m in targets
