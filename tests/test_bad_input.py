@@ -117,7 +117,7 @@ def test_crash_mid_save_leaves_previous_adapter_loadable(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         lp.save_adapter(second, tmp_path)
     monkeypatch.undo()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]  # no temp litter
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", CONFIG_NAME, WEIGHTS_NAME]  # no temp litter
     reloaded = lp.load_adapter(tiny_llama(), tmp_path).eval()
     x = torch.randint(0, 128, (1, 8))
     with torch.no_grad():

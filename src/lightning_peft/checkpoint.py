@@ -91,11 +91,15 @@ def embedding_base_weights(model: nn.Module, adapter_name: str, saving: bool) ->
     return weights
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", *,
+                 trainer=None, model_card: bool = True) -> Path:
     """Write adapter ``adapter_name`` of ``model`` to ``directory`` (created if needed).
 
     ``model`` may also be an outer module (a LightningModule): the file's keys are relative to the
     module the adapters were injected into, as PEFT expects.
+
+    With ``model_card``, a ``README.md`` says what the adapter is and how to load it (PEFT,
+    lightning-peft, vLLM multi-LoRA); ``trainer`` adds the fit's data counts and final metrics.
 
     The weights are written before the config, each atomically, so a reader never sees a config
     that points at missing weights. Returns the directory."""
@@ -111,6 +115,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     config["base_model_name_or_path"] = getattr(adapter_owner(model), "name_or_path", None) or None
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(text))
+    if model_card:
+        from .card import CARD_NAME, adapter_card
+
+        card = adapter_card(config, model, trainer, adapter_name)
+        atomic_write(directory / CARD_NAME, lambda tmp: tmp.write_text(card))
     return directory
 
 

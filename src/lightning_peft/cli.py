@@ -441,7 +441,8 @@ def command_merge(args: argparse.Namespace) -> None:
     if args.quantize:  # the function a QLoRA adapter was trained against: dequantized NF4 + s B A
         quantize_base(model, QuantConfig(quant_type=args.quantize))
     load_adapter(model, adapter)
-    weights = export_merged(model, out, dtype=DTYPES[args.dtype])
+    base = Path(args.base) if Path(args.base).is_dir() else None  # config, tokenizer files
+    weights = export_merged(model, out, dtype=DTYPES[args.dtype], base=base, max_shard_size=args.max_shard_size)
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     table = Table(title="merged model", show_header=False)
     table.add_column("what")
@@ -498,6 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--quantize", choices=list(QUANT_TYPES), default=None,
                        help="quantize the base as in training first (a QLoRA adapter: nf4), so that the export "
                             "is the function that was trained; default: merge into the float base")
+    merge.add_argument("--max-shard-size", default="5GB",
+                       help="split the weights into shards with an index above this size (default 5GB)")
 
     demo = commands.add_parser("demo", help="the quick demo: fine-tune a tiny model and report")
     demo.add_argument("--fast", action="store_true", help="fewer steps")

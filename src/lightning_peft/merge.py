@@ -21,19 +21,21 @@ path: dequantize, merge in fp32, write a float ``model.safetensors`` with the or
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from .atomic import atomic_write
+from .card import merged_card, write_card
+from .export import (DEFAULT_MAX_SHARD_SIZE, WEIGHTS_NAME, base_directory, previous_weight_files, publish,
+                     staging_directory, write_config, write_tokenizer, write_weights)
 from .inject import adapter_configs, adapter_modules, adapter_owner
 from .methods import BitFitLayer, BottleneckLayer, IA3Layer, LoraLayer, ModulesToSave, PromptLearning
 from .quantize import dequantize_weight, is_quantized, quant_config, requantize_
 
-WEIGHTS_NAME = "model.safetensors"
 MANIFEST_NAME = "lightning_peft_export.json"
 
 
@@ -245,14 +247,32 @@ def merged_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict
 
 
 def export_merged(model: nn.Module, directory: str | Path, dtype: torch.dtype = torch.bfloat16,
-                  adapter_name: str | None = None) -> Path:
-    """Write the merged model as ``model.safetensors`` (keys of the original architecture, so it
-    loads into the plain model without lightning_peft) plus ``lightning_peft_export.json``.
+                  adapter_name: str | None = None, *, base: str | Path | None = None, tokenizer: Any = None,
+                  max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, trainer: Any = None) -> Path:
+    """Write the merged model as a ``from_pretrained`` directory: the weights with the keys of the
+    original architecture (so it loads without lightning_peft), ``config.json`` and
+    ``generation_config.json`` of the base, its tokenizer files, a model card (``README.md``) and
+    ``lightning_peft_export.json`` (what was merged, how).
 
     Quantized weights are dequantized, adapters merged in fp32, then float tensors cast to
-    ``dtype`` once; the model itself is not changed. Returns the path of the weights file."""
+    ``dtype`` once; the model itself is not changed.
+
+    Args:
+        base: the base model's local directory, for ``config.json`` / ``generation_config.json``
+            when ``model`` is not a transformers model, and for the tokenizer files
+            (default: ``model.name_or_path`` when that is a local directory).
+        tokenizer: a transformers tokenizer to save with the model (instead of the base's files).
+        max_shard_size: above it (bytes, or ``"5GB"``, ``"500MB"``), the weights are split into
+            ``model-0000i-of-0000N.safetensors`` with ``model.safetensors.index.json``, as
+            ``save_pretrained`` does.
+        trainer: the Lightning Trainer of the fit, for the card's data counts and final metrics.
+
+    Everything is written into a staging directory beside ``directory`` first, then moved in;
+    weight files of an earlier export there that this one does not replace are removed. Returns
+    the path of the weights file (of the index when sharded)."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    owner = adapter_owner(model) or model
+    base_dir = base_directory(owner, base)
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for key, tensor in merged_state_dict(model, adapter_name).items():
@@ -261,19 +281,33 @@ def export_merged(model: nn.Module, directory: str | Path, dtype: torch.dtype = 
             out = out.clone()
         seen.add(out.data_ptr())
         tensors[key] = out
-    path = directory / WEIGHTS_NAME
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     configs = adapter_configs(model)
     quant = quant_config(model)
-    manifest = {
-        "weights": WEIGHTS_NAME,
-        "dtype": str(dtype).removeprefix("torch."),
-        "adapter": _resolve(model, adapter_name) if configs else None,
-        "adapter_config": configs[_resolve(model, adapter_name)].to_dict() if configs else None,
-        "quantized_base": None if quant is None else quant.to_dict(),
-        "tensors": len(tensors),
-        "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
-    }
-    text = json.dumps(manifest, indent=2) + "\n"
-    atomic_write(directory / MANIFEST_NAME, lambda tmp: tmp.write_text(text))
-    return path
+    name = _resolve(model, adapter_name) if configs else None
+    adapter_config = configs[name].to_dict() if configs else None
+    if adapter_config is not None:
+        adapter_config["base_model_name_or_path"] = getattr(owner, "name_or_path", None) or (
+            str(base_dir) if base_dir else None)
+    stale = previous_weight_files(directory)
+    staging = staging_directory(directory)
+    try:
+        files = write_weights(staging, tensors, max_shard_size)
+        weights = files[-1] if len(files) > 1 else files[0]
+        files += write_config(staging, owner, base_dir, dtype)
+        files += write_tokenizer(staging, base_dir, tokenizer)
+        manifest = {
+            "weights": weights,
+            "dtype": str(dtype).removeprefix("torch."),
+            "adapter": name,
+            "adapter_config": adapter_config,
+            "quantized_base": None if quant is None else quant.to_dict(),
+            "tensors": len(tensors),
+            "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+        }
+        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        write_card(staging, merged_card(manifest, model if configs else None, trainer, files + [MANIFEST_NAME]))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    publish(staging, directory, stale)
+    return directory / weights

@@ -114,7 +114,7 @@ class AdapterCheckpoint(ModelCheckpoint):
         checkpoint.setdefault(CHECKPOINT_KEY, checkpoint_meta(module))
         with gathered_adapters(module):  # FSDP: every rank gathers the shards, rank 0 writes
             if trainer.is_global_zero:
-                _write_directory(Path(filepath), module, checkpoint)
+                _write_directory(Path(filepath), module, checkpoint, trainer)
         trainer.strategy.barrier("AdapterCheckpoint._save_checkpoint")
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
@@ -127,7 +127,7 @@ class AdapterCheckpoint(ModelCheckpoint):
             shutil.rmtree(filepath)
 
 
-def _write_directory(path: Path, module, checkpoint: dict[str, Any]) -> None:
+def _write_directory(path: Path, module, checkpoint: dict[str, Any], trainer=None) -> None:
     """Write a complete save into a temporary directory, then rename it to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
@@ -135,7 +135,7 @@ def _write_directory(path: Path, module, checkpoint: dict[str, Any]) -> None:
     tmp.mkdir()
     try:
         for index, name in enumerate(adapter_configs(module)):
-            save_adapter(module, tmp if index == 0 else tmp / name, name)
+            save_adapter(module, tmp if index == 0 else tmp / name, name, trainer=trainer)
         torch.save(checkpoint, tmp / TRAINING_STATE)
         if path.exists():  # "last", or a re-save of the same step: swap, then drop the old one
             os.rename(path, old)

@@ -1,9 +1,11 @@
 """``MergeAdapters``: after fit, export the merged model and check that it computes what the
 adapted model does.
 
-On global rank 0, at the end of ``fit``: :func:`lightning_peft.export_merged` writes
-``model.safetensors`` (4-bit weights dequantized, adapters merged in fp32, then cast to ``dtype``)
-with the keys of the adapted model (the transformers model inside the LightningModule). With
+On global rank 0, at the end of ``fit``: :func:`lightning_peft.export_merged` writes a
+``from_pretrained`` directory: ``model.safetensors`` (4-bit weights dequantized, adapters merged in
+fp32, then cast to ``dtype``; sharded with an index above ``max_shard_size``) with the keys of the
+adapted model (the transformers model inside the LightningModule), its ``config.json``,
+``generation_config.json`` and tokenizer files, and a model card with the fit's metrics. With
 ``verify``, the export is loaded into a plain copy of that architecture (lightning-peft layers
 replaced by ``nn.Linear``/the original modules, every tensor from the file, strict keys), run in
 fp32 on a probe batch, and compared with the adapted model's output (its 4-bit layers computing
@@ -28,9 +30,9 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 from rich.console import Console
 from rich.table import Table
-from safetensors.torch import load_file
 from torch import nn
 
+from ..export import DEFAULT_MAX_SHARD_SIZE, parse_size, read_weights
 from ..inject import adapter_configs, adapter_modules, adapter_owner
 from ..merge import _refuse_unmergeable, _resolve, export_merged
 from ..methods import AdapterModule
@@ -118,10 +120,17 @@ class MergeAdapters(Callback):
         tolerance: largest accepted ``||export - adapted|| / ||adapted||`` (default 1e-5 for fp32
             exports, 1e-2 for bf16/fp16).
         adapter_name: which adapter to merge (default: the active one).
+        base / tokenizer / max_shard_size: as :func:`lightning_peft.export_merged` (the base's
+            local directory for config and tokenizer files, a tokenizer to save, the shard size).
+
+    The directory loads with ``transformers.AutoModelForCausalLM.from_pretrained`` when the model
+    is a transformers model (or ``base`` has a ``config.json``); its ``README.md`` records the
+    fit's data counts and final metrics.
     """
 
     def __init__(self, output_dir, dtype: torch.dtype = torch.bfloat16, verify: bool = True,
-                 probe_batch: Any = None, tolerance: float | None = None, adapter_name: str | None = None) -> None:
+                 probe_batch: Any = None, tolerance: float | None = None, adapter_name: str | None = None,
+                 base=None, tokenizer: Any = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> None:
         if dtype not in DEFAULT_TOLERANCE:
             raise ValueError(f"dtype={dtype}: export as one of {list(DEFAULT_TOLERANCE)}.")
         self.output_dir = Path(output_dir)
@@ -130,6 +139,10 @@ class MergeAdapters(Callback):
         self.probe_batch = probe_batch
         self.tolerance = DEFAULT_TOLERANCE[dtype] if tolerance is None else tolerance
         self.adapter_name = adapter_name
+        self.base = base
+        self.tokenizer = tokenizer
+        self.max_shard_size = max_shard_size
+        parse_size(max_shard_size)  # a bad size fails now, not after the fit
         self.export_path: Path | None = None
         self.errors: dict[str, float] = {}
 
@@ -163,7 +176,9 @@ class MergeAdapters(Callback):
     def _export_and_verify(self, trainer, pl_module) -> None:
         self._check_mergeable(pl_module)  # again: adapters may have changed during the fit
         model = adapter_owner(pl_module)
-        self.export_path = export_merged(model, self.output_dir, dtype=self.dtype, adapter_name=self.adapter_name)
+        self.export_path = export_merged(model, self.output_dir, dtype=self.dtype, adapter_name=self.adapter_name,
+                                         base=self.base, tokenizer=self.tokenizer,
+                                         max_shard_size=self.max_shard_size, trainer=trainer)
         if self.verify:
             self.errors = self._compare(trainer, model)
         self._report()
@@ -197,7 +212,7 @@ class MergeAdapters(Callback):
             with torch.no_grad():
                 device = next(model.parameters()).device
                 adapted = model_output(model, move_data_to_device(batch, device)).cpu()
-                plain = plain_copy(model, load_file(self.export_path))
+                plain = plain_copy(model, read_weights(self.output_dir))
                 exported = model_output(plain, move_data_to_device(batch, "cpu"))
         finally:
             model.train(was_training)
@@ -212,7 +227,8 @@ class MergeAdapters(Callback):
         table.add_column("what")
         table.add_column("value", justify="right")
         table.add_row("path", str(self.export_path))
-        table.add_row("size", f"{self.export_path.stat().st_size:,} bytes")
+        size = sum(p.stat().st_size for p in self.output_dir.iterdir() if p.name.endswith(".safetensors"))
+        table.add_row("size", f"{size:,} bytes of weights")
         table.add_row("dtype", str(self.dtype).removeprefix("torch."))
         if self.errors:
             table.add_row("max |export - adapted|", f"{self.errors['max']:.3e}")
