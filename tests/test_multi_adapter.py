@@ -91,7 +91,7 @@ def test_layers_fed_one_tensor_share_its_sorting_until_it_changes(monkeypatch):
     (version counter) makes the second sort again. The memo is dropped when the block ends."""
     from torch import nn
 
-    from lightning_peft.methods import lora
+    from lightning_peft.methods import mixed as batches
 
     class Siblings(nn.Module):
         def __init__(self):
@@ -118,9 +118,9 @@ def test_layers_fed_one_tensor_share_its_sorting_until_it_changes(monkeypatch):
                 alone.append(model(row[None].clone()))
         with lp.adapter_ids(model, ids):
             mixed = model(x.clone())
-            assert lora._LAST_SORTED[0] is not None
+            assert batches._LAST_SORTED[0] is not None
     assert len(grouped) == 3 and max_abs(mixed, torch.cat(alone)) <= 1e-5
-    assert lora._LAST_SORTED[0] is None and lora._LAST_ROW_GROUPS[0] is None
+    assert batches._LAST_SORTED[0] is None and batches._LAST_ROW_GROUPS[0] is None
 
 
 def test_grouping_steps_aside_for_hooks_dora_rows_and_long_rows(monkeypatch):

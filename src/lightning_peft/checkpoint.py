@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -25,12 +26,14 @@ from .atomic import atomic_write
 from .config import AdapterConfig, config_from_dict
 from .methods import AdapterModule
 from .inject import _inject, adapter_configs, adapter_modules, adapter_owner, adapter_parameters, delete_adapter, set_adapter
+from .quantize import quant_config
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 KEY_PREFIX = "base_model.model."
 TRAINING_STATE = "training_state.ckpt"  # beside the adapter files in an AdapterCheckpoint save
+CHECKPOINT_KEY = "lightning_peft"  # the entry of a Lightning checkpoint that holds checkpoint_meta
 
 
 def adapter_tensors(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
@@ -223,3 +226,61 @@ def read_training_state(directory: str | os.PathLike, map_location=None, weights
         raise FileNotFoundError(f"{directory} is a directory without {TRAINING_STATE}: not an AdapterCheckpoint save "
                                 f"(a directory of adapter files alone loads with lightning_peft.load_adapter).")
     return torch.load(path, map_location=map_location or "cpu", weights_only=True if weights_only is None else weights_only)
+
+
+# ------------------------------------------------------------------ Lightning checkpoints (.ckpt)
+def rng_states() -> dict[str, Any]:
+    """Global RNG states (torch, CUDA, Python, NumPy) in a form ``torch.load(weights_only=True)``
+    accepts: tensors, ints and tuples only."""
+    states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+    except ImportError:
+        return states
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states["numpy"] = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_states`."""
+    torch.set_rng_state(states["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in states["python"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    if "numpy" in states:
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = states["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def checkpoint_meta(module: nn.Module) -> dict[str, Any]:
+    """What a checkpoint carries besides tensors: the adapter configs, the quantization and the RNG
+    states (so that a resumed run draws the same dropout masks)."""
+    quant = quant_config(module)
+    return {"adapters": {name: config.to_dict() for name, config in adapter_configs(module).items()},
+            "quantization": None if quant is None else quant.to_dict(),
+            "rng_states": rng_states()}
+
+
+def adapter_state_keys(module: nn.Module) -> set[str]:
+    """State-dict keys of ``module`` that belong to any adapter (what our checkpoints hold)."""
+    return {key for name in adapter_configs(module) for key in adapter_parameters(module, name)}
+
+
+def check_checkpoint_adapters(module: nn.Module, checkpoint: Mapping[str, Any]) -> None:
+    """Raise one clear error unless ``checkpoint["state_dict"]`` holds exactly ``module``'s adapter
+    tensors with their shapes (the frozen base is not expected); names both adapter configs when
+    the checkpoint records its own."""
+    keys = adapter_state_keys(module)  # once: it walks the whole model
+    own = {k: v for k, v in module.state_dict().items() if k in keys}
+    saved = checkpoint.get(CHECKPOINT_KEY, {}).get("adapters")
+    configs = {n: c.to_dict() for n, c in adapter_configs(module).items()}
+    extra = (f"the checkpoint was written with adapter configs {saved}, this run uses {configs}."
+             if saved is not None and saved != configs else None)
+    check_tensors_fit(own, checkpoint["state_dict"], "the checkpoint", what="checkpoint", extra=extra,
+                      fix="Resume with the same peft_config (r, target_modules, use_dora, modules_to_save) as the run "
+                          "that wrote the checkpoint; a checkpoint of a full fine-tune cannot resume a PEFT run.")

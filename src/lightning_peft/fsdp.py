@@ -36,12 +36,11 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
-from .checkpoint import read_training_state
+from .checkpoint import CHECKPOINT_KEY, adapter_state_keys, check_checkpoint_adapters, read_training_state, set_rng_states
 from .config import QuantConfig
 from .inject import adapter_configs
 from .quantize import is_quantized
-from .strategy import (CHECKPOINT_KEY, _as_quant_config, _PEFTSetup, adapter_state_keys, check_checkpoint_adapters,
-                       peft_target, set_rng_states)
+from .strategy import _as_quant_config, _PEFTSetup, peft_target
 
 # FSDP1 (FSDPStrategy) arguments that have no meaning under FSDP2: named in the error.
 _FSDP1_ONLY = ("sharding_strategy", "auto_wrap_policy", "use_orig_params", "cpu_offload", "mixed_precision",

@@ -25,7 +25,7 @@ from torch import nn
 from .config import AdapterConfig, BitFitConfig, BottleneckConfig, IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig
 from .methods import AdapterModule, BitFitLayer, BottleneckLayer, IA3Layer, LoraLayer, ModulesToSave
 from .methods.bitfit import bias_size
-from .methods.lora import base_kind
+from .methods.base import base_kind
 from .methods.prompt import inject_prompt_learning
 from .modules import find_attribute, output_heads, replace_module
 from .targets import IA3_TARGETS, LORA_TARGETS, default_targets

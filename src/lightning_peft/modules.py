@@ -16,6 +16,13 @@ def find_attribute(model: nn.Module, attr: str):
     return None, None
 
 
+def is_adapter_module(module: nn.Module) -> bool:
+    """Whether ``module`` is one of the adapter modules :func:`lightning_peft.inject_adapters` puts
+    in (a :class:`~lightning_peft.methods.base.AdapterModule`), told by the ``adapter_stores``
+    every one of them declares: the layers below ``methods/`` (quantize) need not import it."""
+    return isinstance(getattr(type(module), "adapter_stores", None), tuple)
+
+
 def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     """Put ``new`` at dotted ``path`` inside ``model``."""
     parent_path, _, child = path.rpartition(".")

@@ -41,7 +41,8 @@ from .inject import (
     inject_adapters,
 )
 from .methods import AdapterModule, LoraLayer
-from .methods.lora import lora_scaling, release_batch_memos
+from .methods.lora import lora_scaling
+from .methods.mixed import release_batch_memos
 
 BASE = "__base__"  # HF PEFT's name for "no adapter" in adapter_names=; same as None here
 METHODS = ("linear", "cat", "svd")

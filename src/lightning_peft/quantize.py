@@ -31,7 +31,7 @@ from rich.table import Table  # noqa: E402
 from torch import nn  # noqa: E402
 
 from .config import QuantConfig  # noqa: E402
-from .modules import find_attribute, output_heads, replace_module  # noqa: E402
+from .modules import find_attribute, is_adapter_module, output_heads, replace_module  # noqa: E402
 
 QUANT_CONFIG_ATTR = "lp_quant_config"
 
@@ -126,11 +126,9 @@ def quantization_targets(model: nn.Module, config: QuantConfig) -> list[tuple[st
     all but ``config.skip_modules`` and the output head. Works on a model built on the meta device.
 
     Raises if ``model`` is quantized already, carries adapters, or has no such layer."""
-    from .methods import AdapterModule  # local: methods sits above quantize in the layer plan
-
     if quant_config(model) is not None:
         raise RuntimeError("model is already quantized (quantize_base ran on it before).")
-    if any(isinstance(m, AdapterModule) for m in model.modules()):
+    if any(is_adapter_module(m) for m in model.modules()):
         raise RuntimeError("quantize_base must run before inject_adapters: the adapters would wrap the float "
                            "layers. Quantize first, then inject (or use load_adapter after quantizing).")
     heads = output_heads(model)

@@ -18,7 +18,6 @@ FSDP strategies. Lightning's call order sets the constraints (DESIGN.md section 
 from __future__ import annotations
 
 import os
-import random
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,14 +30,19 @@ from torch import nn
 from .activation_checkpointing import enable_gradient_checkpointing
 from .bigmodel import empty_init as _empty_init
 from .bigmodel import load_quantized
-from .checkpoint import check_tensors_fit, read_training_state
+from .checkpoint import (  # noqa: F401 (CHECKPOINT_KEY, rng_states, set_rng_states: also read from here)
+    CHECKPOINT_KEY,
+    adapter_state_keys,
+    check_checkpoint_adapters,
+    checkpoint_meta,
+    read_training_state,
+    rng_states,
+    set_rng_states,
+)
 from .config import AdapterConfig, LoraConfig, QuantConfig, config_from_dict
-from .inject import adapter_configs, adapter_modules, adapter_parameters, inject_adapters, set_adapter
-from .methods.lora import DROPOUT_TYPES
+from .inject import adapter_configs, adapter_modules, inject_adapters, set_adapter
+from .methods.base import DROPOUT_TYPES
 from .quantize import logical_numel, quant_config, quantize_base
-
-CHECKPOINT_KEY = "lightning_peft"
-
 
 def _as_quant_config(quantization: None | str | QuantConfig) -> QuantConfig | None:
     if quantization is None or isinstance(quantization, QuantConfig):
@@ -46,43 +50,6 @@ def _as_quant_config(quantization: None | str | QuantConfig) -> QuantConfig | No
     if isinstance(quantization, str):
         return QuantConfig(quant_type=quantization)
     raise ValueError(f"quantization={quantization!r}: use None, 'nf4', 'fp4', 'int8' or a QuantConfig.")
-
-
-def rng_states() -> dict[str, Any]:
-    """Global RNG states (torch, CUDA, Python, NumPy) in a form ``torch.load(weights_only=True)``
-    accepts: tensors, ints and tuples only."""
-    states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy as np
-    except ImportError:
-        return states
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    states["numpy"] = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
-    return states
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    """Inverse of :func:`rng_states`."""
-    torch.set_rng_state(states["torch"])
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in states["python"]))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    if "numpy" in states:
-        import numpy as np
-
-        name, keys, pos, has_gauss, cached = states["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-
-
-def checkpoint_meta(module: nn.Module) -> dict[str, Any]:
-    """What a checkpoint carries besides tensors: the adapter configs, the quantization and the RNG
-    states (so that a resumed run draws the same dropout masks)."""
-    quant = quant_config(module)
-    return {"adapters": {name: config.to_dict() for name, config in adapter_configs(module).items()},
-            "quantization": None if quant is None else quant.to_dict(),
-            "rng_states": rng_states()}
 
 
 def peft_target(module: nn.Module) -> nn.Module:
@@ -94,11 +61,6 @@ def peft_target(module: nn.Module) -> nn.Module:
     if len(heads) == 1 and all("." in path for path in linear_paths):
         return module.get_submodule(heads.pop())
     return module
-
-
-def adapter_state_keys(module: nn.Module) -> set[str]:
-    """State-dict keys of ``module`` that belong to any adapter (what our checkpoints hold)."""
-    return {key for name in adapter_configs(module) for key in adapter_parameters(module, name)}
 
 
 class _PEFTSetup:
@@ -246,21 +208,6 @@ def _refuse_meta_tensors(module: nn.Module) -> None:
                            f"PEFTStrategy(checkpoint='model dir or .safetensors'), or call lp.load_quantized(self.model, "
                            f"path, self.trainer.strategy.quant_config, device=self.trainer.strategy.root_device) in "
                            f"configure_model, or build real random weights with PEFTStrategy(empty_init=False).")
-
-
-def check_checkpoint_adapters(module: nn.Module, checkpoint: Mapping[str, Any]) -> None:
-    """Raise one clear error unless ``checkpoint["state_dict"]`` holds exactly ``module``'s adapter
-    tensors with their shapes (the frozen base is not expected); names both adapter configs when
-    the checkpoint records its own."""
-    keys = adapter_state_keys(module)  # once: it walks the whole model
-    own = {k: v for k, v in module.state_dict().items() if k in keys}
-    saved = checkpoint.get(CHECKPOINT_KEY, {}).get("adapters")
-    configs = {n: c.to_dict() for n, c in adapter_configs(module).items()}
-    extra = (f"the checkpoint was written with adapter configs {saved}, this run uses {configs}."
-             if saved is not None and saved != configs else None)
-    check_tensors_fit(own, checkpoint["state_dict"], "the checkpoint", what="checkpoint", extra=extra,
-                      fix="Resume with the same peft_config (r, target_modules, use_dora, modules_to_save) as the run "
-                          "that wrote the checkpoint; a checkpoint of a full fine-tune cannot resume a PEFT run.")
 
 
 def restore_adapters(module: nn.Module, checkpoint_path, quantize: bool = True) -> nn.Module:

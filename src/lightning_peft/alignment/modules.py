@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from ..methods.lora import DROPOUT_TYPES
+from ..methods.base import DROPOUT_TYPES
 from ..multi import clear_adapter_caches
 from .dpo import DPO_LOSS_TYPES, dpo_loss
 from .grpo import GRPO_LOSS_TYPES, grpo_loss

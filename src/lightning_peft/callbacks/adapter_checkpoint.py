@@ -23,11 +23,11 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from ..checkpoint import TRAINING_STATE, read_training_state, save_adapter
+from ..checkpoint import (CHECKPOINT_KEY, TRAINING_STATE, adapter_state_keys, check_checkpoint_adapters, checkpoint_meta,
+                          read_training_state, save_adapter, set_rng_states)
 from ..fsdp import gathered_adapters
 from ..inject import adapter_configs
-from ..strategy import (CHECKPOINT_KEY, _PEFTSetup, check_checkpoint_adapters, adapter_state_keys, checkpoint_meta,
-                        set_rng_states)
+from ..strategy import _PEFTSetup
 
 
 class AdapterCheckpointIO(CheckpointIO):

@@ -9,6 +9,13 @@ through it, so a new method only has to describe its tensors once.
 Most adapter modules wrap one layer (``wrapped_attr`` names it). Prompt and prefix tuning are
 *model-level*: one module hangs off the model itself and wraps nothing (``wrapped_attr = None``);
 its file keys are not prefixed by a module path (``model_level = True``).
+
+Methods that wrap a layer with a weight matrix (LoRA, (IA)^3) see it through one view,
+:class:`WeightLayer`: ``W: [out, in]`` whatever the storage (``nn.Linear`` ``[out, in]``,
+transformers' ``Conv1D`` ``[in, out]``, ``nn.Embedding`` ``[num, dim]`` as ``[dim, num]``, a
+bitsandbytes layer dequantized). :func:`base_kind` tells the layer kinds apart; the adapter
+dropout and ``DROPOUT_TYPES`` live here too, so that everything above ``methods/`` reads them
+from one place.
 """
 
 from __future__ import annotations
@@ -17,6 +24,54 @@ import abc
 
 import torch
 from torch import nn
+
+from ..quantize import dequantize_weight, is_quantized
+
+
+def base_kind(module: nn.Module) -> str | None:
+    """``"linear"``, ``"conv1d"`` or ``"embedding"`` for layers LoRA can wrap, else None."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
+        return "conv1d"  # transformers.pytorch_utils.Conv1D, duck-typed: no import of transformers
+    return None
+
+
+
+class AdapterDropout(nn.Module):
+    """Inverted dropout, ``x * keep / (1 - p)`` with ``keep = rand >= p``.
+
+    The same distribution as ``nn.Dropout``, but the mask comes from a uniform draw and a compare
+    instead of ``bernoulli_``, which is slower on CPU (dropout masks were ~20% of a LoRA step in
+    benchmarks/lora_step.py); autograd keeps a 1-byte bool mask.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:  # p is set to 0 by alignment.disable_dropout
+            return x
+        return (x * (torch.rand_like(x) >= self.p)).mul_(1.0 / (1.0 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+# every dropout module kind: torch's (nn.Dropout, Dropout1d/2d/3d, AlphaDropout) and the adapters'
+DROPOUT_TYPES = (nn.modules.dropout._DropoutNd, AdapterDropout)
+
+
+def weight_shape(base_layer: nn.Module, kind: str) -> tuple[int, int]:
+    """``(out, in)`` of the ``[out, in]`` view of a layer of ``kind`` (see :func:`base_kind`)."""
+    if kind == "linear":
+        return base_layer.out_features, base_layer.in_features
+    # Conv1D stores [in, out]; an embedding is a linear map from one-hot [num] to [dim]
+    in_features, out_features = base_layer.weight.shape
+    return out_features, in_features
 
 
 class AdapterModule(nn.Module, abc.ABC):
@@ -78,3 +133,34 @@ class AdapterModule(nn.Module, abc.ABC):
 
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names()}, active={self.active_adapter!r}, disabled={self.disabled}"
+
+
+class WeightLayer(AdapterModule):
+    """An adapter module over one layer with a weight matrix, seen as ``W: [out, in]``.
+
+    Subclasses call :meth:`_view_base` in ``__init__``; it sets ``base_layer``, ``kind``,
+    ``quantized``, ``out_features``, ``in_features`` and ``transposed`` (the stored weight is
+    ``[in, out]``: ``Conv1D``, ``Embedding``, or a Linear flagged ``fan_in_fan_out``)."""
+
+    def _view_base(self, base_layer: nn.Module, kind: str, fan_in_fan_out: bool) -> None:
+        self.base_layer = base_layer
+        self.kind = kind
+        self.quantized = is_quantized(base_layer)
+        self.out_features, self.in_features = weight_shape(base_layer, kind)
+        self.transposed = kind != "linear" or fan_in_fan_out
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as ``[out, in]``: a view of a float base, the dequantized weight
+        (a new tensor in the original dtype) of a bitsandbytes one."""
+        if self.quantized:
+            return dequantize_weight(self.base_layer)
+        weight = self.base_layer.weight
+        return weight.t() if self.transposed else weight
+
+    def set_base_weight(self, new_weight: torch.Tensor) -> None:
+        """Write ``new_weight: [out, in]`` into a float base weight in place (same storage)."""
+        if self.quantized:
+            raise TypeError("the base weight is quantized: it cannot be written in place "
+                            "(see lightning_peft.merge_adapters(allow_lossy=True) and export_merged).")
+        with torch.no_grad():
+            self.base_weight().copy_(new_weight)

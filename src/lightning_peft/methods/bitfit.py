@@ -17,8 +17,7 @@ import torch
 from torch import nn
 
 from ..quantize import is_quantized
-from .base import AdapterModule
-from .lora import base_kind
+from .base import AdapterModule, base_kind
 
 
 def bias_size(module: nn.Module) -> int | None:

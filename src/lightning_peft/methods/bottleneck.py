@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quantize import is_quantized
-from .base import AdapterModule
-from .lora import base_kind
+from .base import AdapterModule, base_kind
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 

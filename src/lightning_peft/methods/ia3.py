@@ -15,12 +15,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..quantize import dequantize_weight, is_quantized
-from .base import AdapterModule
-from .lora import base_kind
+from .base import WeightLayer, base_kind
 
 
-class IA3Layer(AdapterModule):
+class IA3Layer(WeightLayer):
     """A frozen ``nn.Linear`` / ``Conv1D`` (float or bitsandbytes) plus named (IA)^3 vectors."""
 
     method = "ia3"
@@ -31,13 +29,7 @@ class IA3Layer(AdapterModule):
         kind = base_kind(base_layer)
         if kind not in ("linear", "conv1d"):
             raise TypeError(f"(IA)^3 scales nn.Linear or transformers Conv1D layers, not {type(base_layer).__name__}.")
-        self.base_layer = base_layer
-        self.quantized = is_quantized(base_layer)
-        if kind == "linear":
-            self.out_features, self.in_features = base_layer.out_features, base_layer.in_features
-        else:  # Conv1D stores [in, out]
-            self.in_features, self.out_features = base_layer.weight.shape
-        self.transposed = kind == "conv1d" or fan_in_fan_out
+        self._view_base(base_layer, kind, fan_in_fan_out)
         self.ia3_l = nn.ParameterDict()
         self.feedforward: dict[str, bool] = {}
         self.merged: list[str] = []
@@ -61,13 +53,6 @@ class IA3Layer(AdapterModule):
         self.feedforward[name] = feedforward
 
     # ------------------------------------------------------------------------------- weights
-    def base_weight(self) -> torch.Tensor:
-        """The base weight as ``[out, in]`` (a view of a float base; dequantized otherwise)."""
-        if self.quantized:
-            return dequantize_weight(self.base_layer)
-        weight = self.base_layer.weight
-        return weight.t() if self.transposed else weight
-
     def merged_base(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(W', b')``: the weight ``[out, in]`` and bias with vector ``name`` folded in, in at
         least fp32; nothing changes in the layer."""
