@@ -199,3 +199,67 @@ def test_default_targets_on_a_model_outside_the_table_say_what_to_do():
     # named targets on such a model: nothing is feed-forward unless named so
     model = lp.inject_adapters(Stack(), lp.IA3Config(target_modules=["q"]))
     assert not any(m.feedforward["default"] for m in model.modules() if hasattr(m, "feedforward"))
+
+
+def test_target_parameters_on_mixtral_experts_match_peft(tmp_path):
+    """LoRA on a transformers MoE's 3-D expert tensors ([experts, out, in]: gate_up_proj, down_proj,
+    nested wrappers as in PEFT): PEFT's file loads with PEFT's output, merges, round-trips, and
+    deleting the adapter gives the plain experts module back."""
+    import copy
+
+    import peft
+    import transformers as tf
+    from safetensors.torch import load_file
+
+    config = tf.MixtralConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                              num_key_value_heads=1, num_local_experts=3, num_experts_per_tok=2, vocab_size=64,
+                              max_position_embeddings=32)
+    torch.manual_seed(0)
+    base = tf.AutoModelForCausalLM.from_config(config).eval()
+    x = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base_out = base(x).logits
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        target_modules=None, target_parameters=["experts.gate_up_proj", "experts.down_proj"], r=2,
+        init_lora_weights=False))
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = lp.load_adapter(copy.deepcopy(base), tmp_path / "peft").eval()
+    with torch.no_grad():
+        expected = theirs(x).logits
+        assert (expected - base_out).abs().max() > 1e-3
+        torch.testing.assert_close(ours(x).logits, expected, rtol=1e-4, atol=1e-5)
+        lp.merge_adapters(ours)
+        torch.testing.assert_close(ours(x).logits, expected, rtol=1e-4, atol=1e-5)
+        lp.unmerge_adapters(ours)
+    lp.save_adapter(ours, tmp_path / "ours")
+    shapes = {k: v.shape for k, v in load_file(str(tmp_path / "ours" / "adapter_model.safetensors")).items()}
+    assert shapes == {k: v.shape for k, v in load_file(str(tmp_path / "peft" / "adapter_model.safetensors")).items()}
+    assert shapes["base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight"] == (6, 16)  # gate_up, inner
+    # training reaches every expert's factors
+    model = lp.inject_adapters(copy.deepcopy(base), lp.LoraConfig(target_modules=None, lora_dropout=0.0, r=2,
+                                                                  target_parameters=["gate_up_proj", "down_proj"]))
+    model(input_ids=x, labels=x).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert len(grads) == 4 and all(g is not None for g in grads.values())
+    lp.delete_adapter(ours, "default")
+    assert type(ours.model.layers[0].mlp.experts).__name__ == "MixtralExperts"
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"target_parameters": ["lin0.weight"]}, "set lora_dropout=0.0"),
+    ({"target_parameters": ["lin0.weight"], "lora_dropout": 0.0, "use_dora": True}, "use_dora=False"),
+])
+def test_target_parameters_refuses_what_cannot_apply(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        lp.LoraConfig(target_modules=None, **kwargs)
+
+
+def test_target_parameters_errors_name_the_fix():
+    with pytest.raises(ValueError, match="matches no parameter.*Closest parameter names"):
+        lp.inject_adapters(Stack(), lp.LoraConfig(target_modules=None, lora_dropout=0.0, target_parameters=["q.weigth"]))
+    with pytest.raises(ValueError, match="target_modules and target_parameters at once"):
+        lp.inject_adapters(Stack(), lp.LoraConfig(target_modules=["q"], lora_dropout=0.0, target_parameters=["q.weight"]))
+    model = Stack()
+    with pytest.raises(ValueError, match="2-D"):  # refused before anything changes
+        lp.inject_adapters(model, lp.LoraConfig(target_modules=["v"], lora_dropout=0.0, target_parameters=["q.bias"]))
+    assert not _adapted(model) and not lp.adapter_configs(model)

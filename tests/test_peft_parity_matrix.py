@@ -149,6 +149,35 @@ class MlpUsingParameters(nn.Module):
         return self.sm(self.lin1(self.relu(self.lin0(X.float()))))
 
 
+class Experts(nn.Module):
+    """MoE experts stored as 3-D tensors (transformers' fused experts): ``up`` then ``down``, each
+    ``[experts, out, in]``, or ``[experts, in, out]`` with ``is_transposed`` (PEFT reads that flag)."""
+
+    def __init__(self, transposed: bool, experts: int = 3):
+        super().__init__()
+        self.is_transposed = transposed
+        shapes = [(10, 8), (8, 6)] if transposed else [(8, 10), (6, 8)]
+        self.up = nn.Parameter(torch.randn(experts, *shapes[0]) / 3)
+        self.down = nn.Parameter(torch.randn(experts, *shapes[1]) / 3)
+
+    def forward(self, x):
+        spec = "n...i,eio->neo" if self.is_transposed else "n...i,eoi->neo"
+        h = torch.relu(torch.einsum(spec, x, self.up))
+        spec = "nei,eio->neo" if self.is_transposed else "nei,eoi->neo"
+        return torch.einsum(spec, h, self.down).mean(1)
+
+
+class MoE(nn.Module):
+    def __init__(self, transposed: bool = False):
+        super().__init__()
+        self.experts = Experts(transposed)
+        self.lin0 = nn.Linear(6, 2)
+        self.sm = nn.LogSoftmax(dim=-1)
+
+    def forward(self, X):
+        return self.sm(self.lin0(self.experts(X.float() / 90)))
+
+
 class Block(nn.Module):
     def __init__(self, size=10):
         super().__init__()
@@ -192,6 +221,8 @@ MODELS = {
     "MHA": MHA,
     "MlpUsingParameters": MlpUsingParameters,
     "DeepMLP": DeepMLP,
+    "MoE": MoE,
+    "MoETransposed": lambda: MoE(transposed=True),
 }
 
 
@@ -275,7 +306,8 @@ CASES = [
     ("Conv3d 5 IA3", "Conv3d", "ia3",
      {"target_modules": ["conv3d", "lin0"], "feedforward_modules": ["conv3d", "lin0"]}),
     # not in TEST_CASES: rsLoRA (PEFT's initialization tests), layers_to_transform (its DeepMLP tests),
-    # exclude_modules (PEFT writes the names it was given plus the exclude list)
+    # 3-D MoE expert parameters (its target_parameters tests), exclude_modules (PEFT writes the names
+    # it was given plus the exclude list)
     ("MLP rsLoRA", "MLP", "lora", {"target_modules": ["lin0", "lin1"], "use_rslora": True, "r": 4, "lora_alpha": 16}),
     ("EmbConv1D rsLoRA", "EmbConv1D", "lora", {"target_modules": ["emb", "conv1d"], "use_rslora": True, "r": 4}),
     ("Conv2d rsLoRA DoRA", "Conv2d", "lora", {"target_modules": ["conv2d", "lin0"], "use_rslora": True, "use_dora": True}),
@@ -284,6 +316,11 @@ CASES = [
      {"target_modules": ["lin0", "lin1"], "layers_to_transform": 1, "layers_pattern": "layers"}),
     ("DeepMLP layers_to_transform int, no pattern", "DeepMLP", "lora",
      {"target_modules": ["lin1"], "layers_to_transform": 3, "use_dora": True}),
+    ("MoE 3-D experts one parameter", "MoE", "lora", {"target_parameters": ["experts.up"], "r": 2}),
+    ("MoE 3-D experts two parameters + module", "MoE", "lora",
+     {"target_modules": ["lin0"], "target_parameters": ["experts.up", "experts.down"], "r": 2, "use_rslora": True}),
+    ("MoE 3-D experts transposed", "MoETransposed", "lora",
+     {"target_parameters": ["up", "down"], "r": 3, "lora_alpha": 5}),
     ("DeepMLP exclude_modules", "DeepMLP", "lora", {"target_modules": ["lin0", "lin1"], "exclude_modules": ["lin1"]}),
     ("DeepMLP exclude_modules regex", "DeepMLP", "lora",
      {"target_modules": ["lin0", "lin1", "out"], "exclude_modules": r".*\.[13]\..*"}),
@@ -299,8 +336,6 @@ for _name, _model, _method, _kwargs in CASES:
         PENDING[_name] = _CONV
 for _name in ("MHA 1 LoRA", "MHA 2 LoRA"):
     PENDING[_name] = "LoRA on nn.MultiheadAttention: helper h19b's layer, not on main yet"
-for _name in ("MLP 1 using nn.Parameter LoRA", "MLP 2 using nn.Parameter LoRA"):
-    PENDING[_name] = "target_parameters (LoRA on an nn.Parameter): not built yet"
 PENDING["Embedding + transformers Conv1D 1 LoRA trainable_tokens"] = "trainable_token_indices: not built yet"
 for _name in ("Embedding + transformers Conv1D 2 DoRA", "Embedding + transformers Conv1D 3 DoRA"):
     PENDING[_name] = "DoRA on nn.Embedding: helper h19b's layer, not on main yet"
@@ -324,8 +359,9 @@ def _peft_config(method: str, kwargs: dict):
 
 
 def _our_config(method: str, kwargs: dict):
-    if method == "lora":  # PEFT's defaults, where ours differ (our recipe: r=16, alpha=32, dropout 0.05)
-        return lp.LoraConfig(**{"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "init_lora_weights": False, **kwargs})
+    if method == "lora":  # PEFT's defaults, where ours differ (our recipe: r=16, alpha=32, dropout 0.05, all-linear)
+        return lp.LoraConfig(**{"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "init_lora_weights": False,
+                                "target_modules": None, **kwargs})
     return lp.IA3Config(**kwargs)
 
 
@@ -391,6 +427,6 @@ def test_peft_parity(model_id, method, kwargs, tmp_path):
 
 def test_matrix_covers_peft_cases():
     """The matrix holds every LoRA / DoRA / (IA)^3 case of PEFT's TEST_CASES on these models
-    (61, re-typed above) plus 9 more; a dropped case fails here."""
-    assert len(CASES) == 70
+    (61, re-typed above) plus 12 more; a dropped case fails here."""
+    assert len(CASES) == 73
     assert len({name for name, *_ in CASES}) == len(CASES)

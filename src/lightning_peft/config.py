@@ -175,6 +175,12 @@ class LoraConfig(AdapterConfig):
         layers_pattern: the name(s) of the layer list (``"layers"``, ``"h"``, ``"blocks"``).
         lora_bias: ``lora_B`` gets a trainable bias (PEFT's ``lora_bias``); merging adds
             ``s * bias`` to the base bias. Not with DoRA, embeddings or mixed-adapter batches.
+        target_parameters: parameters to adapt directly, ``"<module path>.<parameter>"`` (exact
+            or a dotted suffix, e.g. ``"experts.gate_up_proj"``): 2-D ``[out, in]`` or 3-D
+            ``[experts, out, in]`` (MoE experts stored as one tensor; one rank-``r`` update per
+            expert). The update is added to the weight in the forward, so it needs
+            ``lora_dropout=0`` and no DoRA / ``lora_bias`` (as in PEFT). With ``target_modules=None``
+            only the parameters are adapted.
     """
 
     r: int = 16
@@ -193,6 +199,7 @@ class LoraConfig(AdapterConfig):
     layers_to_transform: Union[int, list[int], None] = None
     layers_pattern: Union[str, list[str], None] = None
     lora_bias: bool = False
+    target_parameters: Union[list[str], None] = None
 
     peft_type = "LORA"
 
@@ -203,6 +210,8 @@ class LoraConfig(AdapterConfig):
             raise ValueError(f"lora_alpha={self.lora_alpha!r}: must be a positive number (the recipe uses 2 * r).")
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout={self.lora_dropout!r}: must be in [0, 1).")
+        if self.target_modules == [] and self.target_parameters:
+            self.target_modules = None  # PEFT writes [] when it adapts parameters only
         self.target_modules = _check_names(self.target_modules, "target_modules")
         self.exclude_modules = _check_names(self.exclude_modules, "exclude_modules")
         if self.init_lora_weights not in INIT_CHOICES or (
@@ -221,6 +230,15 @@ class LoraConfig(AdapterConfig):
                 raise ValueError(f"{flag}={getattr(self, flag)!r}: must be True or False.")
         if self.lora_bias and self.use_dora:
             raise ValueError("lora_bias=True with use_dora=True: PEFT does not combine them either; pick one.")
+        if isinstance(self.target_parameters, str):
+            self.target_parameters = [self.target_parameters]
+        if self.target_parameters is not None:
+            self.target_parameters = _check_names(list(self.target_parameters), "target_parameters")
+            if self.lora_dropout or self.use_dora or self.lora_bias:
+                raise ValueError(f"target_parameters={self.target_parameters} adds the update to the weight itself, so "
+                                 f"it cannot take lora_dropout={self.lora_dropout}, use_dora={self.use_dora} or "
+                                 f"lora_bias={self.lora_bias} (PEFT refuses them too): set lora_dropout=0.0, "
+                                 f"use_dora=False, lora_bias=False.")
         _check_layers(self)
 
     # ----------------------------------------------------------------------------- serialisation
@@ -234,7 +252,7 @@ class LoraConfig(AdapterConfig):
                                "init_lora_weights": self.init_lora_weights,
                                "modules_to_save": self.modules_to_save,
                                "rank_pattern": self.rank_pattern, "alpha_pattern": self.alpha_pattern}
-        for name in ("use_rslora", "use_dora", "exclude_modules", "layers_pattern", "lora_bias"):
+        for name in ("use_rslora", "use_dora", "exclude_modules", "layers_pattern", "lora_bias", "target_parameters"):
             if getattr(self, name):
                 out[name] = getattr(self, name)
         if self.layers_to_transform is not None:

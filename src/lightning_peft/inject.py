@@ -23,7 +23,7 @@ from typing import Iterator
 from torch import nn
 
 from .config import AdapterConfig, BitFitConfig, BottleneckConfig, IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig
-from .methods import AdapterModule, BitFitLayer, BottleneckLayer, IA3Layer, LoraLayer, ModulesToSave
+from .methods import AdapterModule, BitFitLayer, BottleneckLayer, IA3Layer, LoraLayer, LoraParamLayer, ModulesToSave
 from .methods.bitfit import bias_size
 from .methods.base import base_kind
 from .methods.prompt import inject_prompt_learning
@@ -116,7 +116,8 @@ def _pattern_value(pattern: dict, path: str, default):
 
 def _unwrap(module: nn.Module) -> nn.Module:
     """The user's layer inside a layer-wrapping adapter module (``modules_to_save`` copies excepted)."""
-    return module.base_layer if isinstance(module, (LoraLayer, IA3Layer, BitFitLayer, BottleneckLayer)) else module
+    return module.base_layer if isinstance(module, (LoraLayer, LoraParamLayer, IA3Layer, BitFitLayer,
+                                                    BottleneckLayer)) else module
 
 
 def _closest(name: str, paths: list[str]) -> list[str]:
@@ -164,6 +165,8 @@ def _select(model: nn.Module, names, exclude=None, saved=None, each: bool = True
 
 
 def _find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+    if config.target_modules is None and config.target_parameters:
+        return []  # parameters only
     if config.target_modules is None:  # PEFT's default for the architecture
         config = dataclasses.replace(config, target_modules=default_targets(
             LORA_TARGETS, model, "LoraConfig(target_modules=None)",
@@ -216,6 +219,7 @@ def _inject(model: nn.Module, config: AdapterConfig, adapter_name: str, loading:
 def _inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str, loading: bool) -> LoraConfig:
     targets = _find_targets(model, config)
     saved = _find_saved(model, config)
+    params = _find_parameters(model, config, {p for p, _ in targets})
 
     # (_wrap_all sets each layer's train/eval mode after add_adapter: new dropout modules follow it)
     _wrap_all(model, targets, LoraLayer, "LoRA",
@@ -226,10 +230,66 @@ def _inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str, loadin
                   use_dora=config.use_dora, init_lora_weights=config.init_lora_weights,
                   lora_bias=config.lora_bias),
               make=lambda m: LoraLayer(m, fan_in_fan_out=config.fan_in_fan_out and isinstance(m, nn.Linear)))
+    _wrap_parameters(model, params, lambda layer, path: layer.add_adapter(
+        adapter_name, r=_pattern_value(config.rank_pattern, path, config.r),
+        lora_alpha=_pattern_value(config.alpha_pattern, path, config.lora_alpha),
+        use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights))
     _wrap_saved(model, saved, adapter_name)
-    return dataclasses.replace(config, target_modules=sorted(p for p, _ in targets),
+    return dataclasses.replace(config, target_modules=sorted(p for p, _ in targets) or None,
+                               target_parameters=sorted(f"{p}.{n}" for p, _, n in params) or None,
                                fan_in_fan_out=config.fan_in_fan_out or any(
                                    base_kind(_unwrap(m)) == "conv1d" for _, m in targets))
+
+
+def _find_parameters(model: nn.Module, config: LoraConfig, module_targets: set[str]) -> list[tuple[str, nn.Module, str]]:
+    """``(module path, module, parameter name)`` for ``config.target_parameters`` (PEFT's rule: the
+    name ``<module path>.<parameter>`` equals an entry or ends with ``.<entry>``), in the module's
+    parameter order; each entry must match, and not a module that ``target_modules`` adapts too."""
+    wanted = config.target_parameters
+    if not wanted:
+        return []
+    found, keys = [], []
+    for path, module in _user_modules(model):
+        real = module.chain()[1] if isinstance(module, LoraParamLayer) else _unwrap(module)
+        for name, _ in real.named_parameters(recurse=False):
+            key = f"{path}.{name}"
+            keys.append(key)
+            if any(key == w or key.endswith("." + w) for w in wanted):
+                found.append((path, module, name))
+    missing = [w for w in wanted if not any(f"{p}.{n}" == w or f"{p}.{n}".endswith("." + w) for p, _, n in found)]
+    if missing:
+        raise ValueError(f"target_parameters entry {missing[0]!r} matches no parameter of {type(model).__name__}. "
+                         f"Closest parameter names: {difflib.get_close_matches(missing[0], keys, n=5, cutoff=0.4)}. "
+                         f"Name them as '<module path>.<parameter>' or a dotted suffix of it.")
+    clash = sorted(module_targets.intersection(p for p, _, _ in found))
+    if clash:
+        raise ValueError(f"modules {clash[:3]} are picked by target_modules and target_parameters at once; adapt each "
+                         f"module one way (exclude_modules=[...] or narrow the names).")
+    real = {p: (m.chain()[1] if isinstance(m, LoraParamLayer) else _unwrap(m)) for p, m, _ in found}
+    bad = [(f"{p}.{n}", tuple(getattr(real[p], n).shape)) for p, _, n in found
+           if getattr(real[p], n).dim() not in (2, 3) or not getattr(real[p], n).is_floating_point()]
+    if bad:
+        raise ValueError(f"target_parameters picks {bad[:3]}: LoRA adapts 2-D [out, in] and 3-D [experts, out, in] "
+                         f"float parameters only; narrow target_parameters.")
+    taken = [(p, m.method) for p, m, _ in found if isinstance(m, AdapterModule) and not isinstance(m, LoraParamLayer)]
+    if taken:
+        raise ValueError(f"LoRA cannot go on parameters of modules that already carry another method's adapter: "
+                         f"{taken[:5]}. Use one method per module.")
+    return found
+
+
+def _wrap_parameters(model: nn.Module, params, add) -> None:
+    """Give each ``(path, module, parameter)`` its LoraParamLayer (nested, one per parameter, the
+    first innermost; an existing one for that parameter is reused) and call ``add(layer, path)``."""
+    for path, module, name in params:
+        outer = model.get_submodule(path)
+        layers = outer.chain()[0] if isinstance(outer, LoraParamLayer) else []
+        layer = next((l for l in layers if l.parameter_name == name), None)
+        if layer is None:
+            layer = LoraParamLayer(outer, name)
+            replace_module(model, path, layer)
+        add(layer, path)
+        layer.train(module.training)
 
 
 def _find_saved(model: nn.Module, config) -> list[tuple[str, nn.Module]]:
@@ -346,7 +406,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
         raise ValueError(f"no adapter named {adapter_name!r}; this model has {list(configs)}.")
     _refuse_if_merged(model, "delete an adapter")
     owner = adapter_owner(model)
-    for path, module in list(adapter_modules(model)):
+    for path, module in reversed(list(adapter_modules(model))):  # inner first: nested wrappers unwind
         if adapter_name in module.adapter_names():
             module.remove_adapter(adapter_name)
         if not module.adapter_names():

@@ -33,7 +33,7 @@ from .card import merged_card, write_card
 from .export import (DEFAULT_MAX_SHARD_SIZE, WEIGHTS_NAME, base_directory, previous_weight_files, publish,
                      staging_directory, write_config, write_tokenizer, write_weights)
 from .inject import adapter_configs, adapter_modules, adapter_owner
-from .methods import BitFitLayer, BottleneckLayer, IA3Layer, LoraLayer, ModulesToSave, PromptLearning
+from .methods import BitFitLayer, BottleneckLayer, IA3Layer, LoraLayer, LoraParamLayer, ModulesToSave, PromptLearning
 from .quantize import dequantize_weight, is_quantized, quant_config, requantize_
 
 MANIFEST_NAME = "lightning_peft_export.json"
@@ -146,7 +146,8 @@ def merge_adapters(model: nn.Module, adapter_name: str | None = None, allow_loss
     _refuse_unmergeable(model, name)
     layers = [m for m in _lora_layers(model) if name in m.scaling and name not in m.merged]
     others = [m for _, m in adapter_modules(model)
-              if isinstance(m, (IA3Layer, BitFitLayer)) and name in m.adapter_names() and name not in m.merged]
+              if isinstance(m, (IA3Layer, BitFitLayer, LoraParamLayer)) and name in m.adapter_names()
+              and name not in m.merged]
     if not allow_lossy and any(m.quantized for m in layers):
         raise RuntimeError(_LOSSY_MESSAGE)
     _refuse_lora_bias_without_base_bias(layers, name)
@@ -171,7 +172,7 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
         for name in reversed(list(layer.merged)):
             unmerge_layer(layer, name)
     for _, module in adapter_modules(model):
-        if isinstance(module, (IA3Layer, BitFitLayer)):
+        if isinstance(module, (IA3Layer, BitFitLayer, LoraParamLayer)):
             for name in reversed(list(module.merged)):
                 module.unmerge(name)
     return model
@@ -219,6 +220,11 @@ def merged_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict
             state[prefix + "weight"] = weight.t() if module.transposed else weight
             if bias is not None:
                 state[prefix + "bias"] = bias
+            return None
+        if isinstance(module, LoraParamLayer):  # the module's own state, its parameter updated
+            visit(module.base_layer, prefix)
+            if name in module.scaling and name not in module.merged:
+                state[prefix + module.parameter_name] = module.merged_param(name)
             return None
         if isinstance(module, PromptLearning):  # holds only other adapters (checked above)
             return None

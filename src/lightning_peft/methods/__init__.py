@@ -6,8 +6,9 @@ from .bitfit import BitFitLayer
 from .bottleneck import BottleneckLayer
 from .ia3 import IA3Layer
 from .lora import LoraLayer
+from .lora_param import LoraParamLayer
 from .modules_to_save import ModulesToSave
 from .prompt import PromptLearning
 
-__all__ = ["AdapterModule", "BitFitLayer", "BottleneckLayer", "IA3Layer", "LoraLayer", "ModulesToSave",
+__all__ = ["AdapterModule", "BitFitLayer", "BottleneckLayer", "IA3Layer", "LoraLayer", "LoraParamLayer", "ModulesToSave",
            "PromptLearning"]
