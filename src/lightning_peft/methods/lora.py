@@ -202,19 +202,30 @@ class LoraLayer(MixedBatchMixin, WeightLayer):
                                base.scale_grad_by_freq, base.sparse)
             return torch.add(result, (rows @ B.t()).to(result.dtype), alpha=self.scaling[name])
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
-        shrunk = F.linear(self.lora_dropout[name](x).to(A.dtype), A)
+        scaling = self.scaling[name]
+        dropout = self.lora_dropout[name]
+        keep = 1.0  # the dropout's keep probability when its 1/q is left to fold into the scaling
+        if type(dropout) is AdapterDropout:
+            if dropout.active():  # x * mask, unscaled: 1/q joins the scaling (one pass over x fewer)
+                x = x * dropout.mask(x)
+                keep = dropout.keep_probability()
+        else:  # nn.Identity, or a dropout module the user swapped in
+            x = dropout(x)
+        shrunk = F.linear(x.to(A.dtype), A)
         if name in self.lora_magnitude_vector:
-            return self._dora(result, F.linear(shrunk, B), name)
-        if self.lora_B[name].bias is not None:  # lora_bias: s * (B shrunk + b_B)
-            return torch.add(result, F.linear(shrunk, B, self.lora_B[name].bias).to(result.dtype),
-                             alpha=self.scaling[name])
+            return self._dora(result, F.linear(shrunk, B), name, scaling / keep)
+        if self.lora_B[name].bias is not None:  # lora_bias: s * (B shrunk / q + b_B)
+            if keep != 1.0:
+                shrunk = shrunk / keep
+            return torch.add(result, F.linear(shrunk, B, self.lora_B[name].bias).to(result.dtype), alpha=scaling)
+        scaling = scaling / keep
         if not result.dtype == shrunk.dtype == B.dtype:  # autocast, or fp32 adapters over a bf16 4-bit base
-            return torch.add(result, F.linear(shrunk, B).to(result.dtype), alpha=self.scaling[name])
+            return torch.add(result, F.linear(shrunk, B).to(result.dtype), alpha=scaling)
         # y = result + s * shrunk @ B^T as one addmm: no separate [tokens, out] product and add pass
         flat, shrunk = result.reshape(-1, self.out_features), shrunk.reshape(-1, shrunk.shape[-1])
         if self._may_write_base_output():  # inference: accumulate into the base layer's fresh output
-            return flat.addmm_(shrunk, B.t(), alpha=self.scaling[name]).view(result.shape)
-        return torch.addmm(flat, shrunk, B.t(), alpha=self.scaling[name]).view(result.shape)
+            return flat.addmm_(shrunk, B.t(), alpha=scaling).view(result.shape)
+        return torch.addmm(flat, shrunk, B.t(), alpha=scaling).view(result.shape)
 
     def _base_hooked(self) -> bool:
         """Whether a forward (pre-)hook sees the base layer's inputs or outputs: on it, or global."""
@@ -227,13 +238,14 @@ class LoraLayer(MixedBatchMixin, WeightLayer):
         nor when a hook may have kept a reference to it."""
         return not (torch.is_grad_enabled() or self._base_hooked())
 
-    def _dora(self, result: torch.Tensor, lora: torch.Tensor, name: str) -> torch.Tensor:
-        """``m / ||W + s B A|| * ((W x + b) - b + s * lora) + b``, reusing the base output."""
+    def _dora(self, result: torch.Tensor, lora: torch.Tensor, name: str, scaling: float) -> torch.Tensor:
+        """``m / ||W + s B A|| * ((W x + b) - b + scaling * lora) + b``, reusing the base output
+        (``scaling``: ``s``, or ``s / q`` when ``lora`` came from a dropped-out, unscaled input)."""
         with torch.no_grad():
             norm = self.dora_row_norm(name)
         magnitude = self.lora_magnitude_vector[name]
         scale = (magnitude / norm.to(magnitude.dtype)).to(result.dtype)
         bias = getattr(self.base_layer, "bias", None)
         out = result if bias is None else result - bias
-        out = torch.add(out, lora.to(result.dtype), alpha=self.scaling[name]) * scale
+        out = torch.add(out, lora.to(result.dtype), alpha=scaling) * scale
         return out if bias is None else out + bias
