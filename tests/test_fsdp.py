@@ -31,8 +31,9 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("P
        "OMP_NUM_THREADS": "1"}
 
 
-def _launch(out: Path, *args: str, nodes: int = 1) -> list[dict]:
-    """Run fsdp_script.py on 2 processes: Lightning's own launcher, or 2 torchrun "nodes"."""
+def _launch(out: Path, *args: str, nodes: int = 1) -> dict[str, list[dict]]:
+    """Run fsdp_script.py on 2 processes (Lightning's own launcher, or 2 torchrun "nodes"); the
+    per-rank results of each strategy it ran."""
     out.mkdir(parents=True, exist_ok=True)
     script = [str(HERE / "fsdp_script.py"), str(out), *args]
     if nodes == 1:
@@ -48,7 +49,8 @@ def _launch(out: Path, *args: str, nodes: int = 1) -> list[dict]:
                                  stderr=subprocess.STDOUT, text=True) for node in range(2)]
     logs = [run.communicate(timeout=240)[0] for run in runs]
     assert all(run.returncode == 0 for run in runs), "\n".join(log[-3000:] for log in logs)
-    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
+    return {name: [json.loads((out / name / f"rank{rank}.json").read_text()) for rank in range(2)]
+            for name in args[0].split(",")}
 
 
 def _global_losses(ranks: list[dict]) -> list[float]:
@@ -89,49 +91,51 @@ def _plain_model_reproduces(save: Path, ranks: list[dict], quantize: bool) -> No
 
 
 @pytest.fixture(scope="module")
-def lora_fsdp_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("lora_fsdp")
-    return out, _launch(out, "lora_fsdp", "6", "--ckpt-every", "3")
+def dropout_run(tmp_path_factory):
+    """lora_fsdp with adapter dropout 0.1, saved every 3 steps (each an epoch end)."""
+    out = tmp_path_factory.mktemp("fsdp_dropout")
+    return out, _launch(out, "lora_fsdp", "6", "--ckpt-every", "3", "--dropout", "0.1")["lora_fsdp"]
 
 
-def test_lora_fsdp_matches_one_process_and_shards_the_base(lora_fsdp_run):
-    out, ranks = lora_fsdp_run
+def test_lora_fsdp_shards_the_base_and_saves_adapters_a_plain_model_loads(dropout_run):
+    out, ranks = dropout_run
     assert all(r["sharded"] and r["world_size"] == 2 for r in ranks)
-    torch.testing.assert_close(torch.tensor(_global_losses(ranks)), torch.tensor(_one_process(6)),
-                               rtol=1e-5, atol=1e-5)
     for r in ranks:  # each rank holds its half of every frozen base tensor
         assert abs(r["held_bytes"] / r["base_bytes"] - 0.5) < 0.01, r
-    _adapters_agree_across_ranks(out)
-    _plain_model_reproduces(out / "ckpt" / "last", ranks, quantize=False)
+    _adapters_agree_across_ranks(out / "lora_fsdp")
+    _plain_model_reproduces(out / "lora_fsdp" / "ckpt" / "last", ranks, quantize=False)
 
 
-def test_lora_fsdp_resumes_on_two_simulated_nodes(lora_fsdp_run, tmp_path):
-    """Resume the step-3 save (an epoch end) on 2 torchrun "nodes" x 1 process: steps 4-6 repeat
-    the uninterrupted run's losses."""
-    out, ranks = lora_fsdp_run
-    resumed = _launch(tmp_path, "lora_fsdp", "6", "--resume", str(out / "ckpt" / "step=3"), nodes=2)
+def test_lora_fsdp_resumes_on_two_simulated_nodes_with_each_ranks_dropout_masks(dropout_run, tmp_path):
+    """Resume the step-3 save on 2 torchrun "nodes" x 1 process: steps 4-6 repeat the
+    uninterrupted run's losses, dropout included (each rank gets its own RNG states back)."""
+    out, ranks = dropout_run
+    resumed = _launch(tmp_path, "lora_fsdp", "6", "--dropout", "0.1", "--resume",
+                      str(out / "lora_fsdp" / "ckpt" / "step=3"), nodes=2)["lora_fsdp"]
     assert resumed[0]["world_size"] == 2
     torch.testing.assert_close(torch.tensor(_global_losses(resumed)), torch.tensor(_global_losses(ranks)[3:]),
                                rtol=1e-6, atol=1e-6)
 
 
-def test_qlora_fsdp_shards_the_4bit_base_on_cpu(tmp_path):
+def test_qlora_fsdp_shards_the_4bit_base_on_cpu_and_matches_one_process(tmp_path):
     quant = lp.QuantConfig(**QUANT)
-    ranks = _launch(tmp_path, "qlora_fsdp", "4", "--ckpt-every", "4")
+    ranks = _launch(tmp_path, "qlora_fsdp", "4", "--ckpt-every", "4")["qlora_fsdp"]
     torch.testing.assert_close(torch.tensor(_global_losses(ranks)), torch.tensor(_one_process(4, quant)),
                                rtol=1e-5, atol=1e-5)
     for r in ranks:  # the packed 4-bit bytes (stored as float32) shard like any float tensor
         assert abs(r["held_bytes"] / r["base_bytes"] - 0.5) < 0.01, r
-    _adapters_agree_across_ranks(tmp_path)
-    _plain_model_reproduces(tmp_path / "ckpt" / "last", ranks, quantize=True)
+    _adapters_agree_across_ranks(tmp_path / "qlora_fsdp")
+    _plain_model_reproduces(tmp_path / "qlora_fsdp" / "ckpt" / "last", ranks, quantize=True)
 
 
-def test_lora_ddp_on_two_simulated_nodes(tmp_path):
-    ranks = _launch(tmp_path, "lora_ddp", "3", nodes=2)
-    assert ranks[0]["world_size"] == 2 and not ranks[0]["sharded"]
-    torch.testing.assert_close(torch.tensor(_global_losses(ranks)), torch.tensor(_one_process(3)),
-                               rtol=1e-5, atol=1e-5)
-    _adapters_agree_across_ranks(tmp_path)
+def test_ddp_and_fsdp_on_two_simulated_nodes_match_one_process(tmp_path):
+    """2 torchrun "nodes" x 1 process, lora_ddp then lora_fsdp in the same processes."""
+    runs = _launch(tmp_path, "lora_ddp,lora_fsdp", "3", nodes=2)
+    reference = torch.tensor(_one_process(3))
+    for name, ranks in runs.items():
+        assert ranks[0]["world_size"] == 2 and ranks[0]["sharded"] == (name == "lora_fsdp")
+        torch.testing.assert_close(torch.tensor(_global_losses(ranks)), reference, rtol=1e-5, atol=1e-5)
+        _adapters_agree_across_ranks(tmp_path / name)
 
 
 def test_fsdp1_arguments_are_refused_with_the_fsdp2_equivalent():

@@ -259,11 +259,32 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 def checkpoint_meta(module: nn.Module) -> dict[str, Any]:
     """What a checkpoint carries besides tensors: the adapter configs, the quantization and the RNG
-    states (so that a resumed run draws the same dropout masks)."""
+    states (so that a resumed run draws the same dropout masks): this process's, and in a
+    multi-process run every rank's (``rng_states_by_rank``; gathering them is a collective, and
+    Lightning builds a checkpoint on every rank)."""
     quant = quant_config(module)
-    return {"adapters": {name: config.to_dict() for name, config in adapter_configs(module).items()},
+    meta = {"adapters": {name: config.to_dict() for name, config in adapter_configs(module).items()},
             "quantization": None if quant is None else quant.to_dict(),
             "rng_states": rng_states()}
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        by_rank: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(by_rank, meta["rng_states"])
+        meta["rng_states_by_rank"] = by_rank
+    return meta
+
+
+def restore_rng_states(meta: Mapping[str, Any] | None) -> None:
+    """Set the RNG states a checkpoint's ``lightning_peft`` entry recorded: this rank's own when the
+    run had as many processes as this one, else those of the process that wrote it."""
+    if not meta or meta.get("rng_states") is None:
+        return
+    by_rank = meta.get("rng_states_by_rank")
+    if by_rank and torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and len(by_rank) == torch.distributed.get_world_size():
+        set_rng_states(by_rank[torch.distributed.get_rank()])
+    else:
+        set_rng_states(meta["rng_states"])
 
 
 def adapter_state_keys(module: nn.Module) -> set[str]:

@@ -36,7 +36,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
-from .checkpoint import CHECKPOINT_KEY, adapter_state_keys, check_checkpoint_adapters, read_training_state, set_rng_states
+from .checkpoint import (CHECKPOINT_KEY, adapter_state_keys, check_checkpoint_adapters, read_training_state,
+                         restore_rng_states)
 from .config import QuantConfig
 from .inject import adapter_configs
 from .quantize import is_quantized
@@ -207,9 +208,7 @@ class PEFTFSDPStrategy(_PEFTSetup, ModelParallelStrategy):
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         # the tensors went in at load_checkpoint; what is left is the RNG state
-        rng_states = checkpoint.get(CHECKPOINT_KEY, {}).get("rng_states")
-        if rng_states is not None:
-            set_rng_states(rng_states)
+        restore_rng_states(checkpoint.get(CHECKPOINT_KEY))
 
 
 def _by_name(state: dict[str, Any], optimizer, module: nn.Module) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from .checkpoint import (  # noqa: F401 (CHECKPOINT_KEY, rng_states, set_rng_sta
     check_checkpoint_adapters,
     checkpoint_meta,
     read_training_state,
+    restore_rng_states,
     rng_states,
     set_rng_states,
 )
@@ -175,9 +176,8 @@ class _PEFTSetup:
         module = self.lightning_module
         check_checkpoint_adapters(module, checkpoint)
         module.load_state_dict(checkpoint["state_dict"], strict=False)
-        rng_states = checkpoint.get(CHECKPOINT_KEY, {}).get("rng_states")
-        if rng_states is not None:  # resume draws the same dropout masks as an uninterrupted run
-            set_rng_states(rng_states)
+        # resume draws the same dropout masks as an uninterrupted run
+        restore_rng_states(checkpoint.get(CHECKPOINT_KEY))
 
 
 def _warn_if_adapter_dropout_is_off(module: nn.Module) -> None:

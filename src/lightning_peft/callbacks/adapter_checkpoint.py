@@ -24,7 +24,7 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ..checkpoint import (CHECKPOINT_KEY, TRAINING_STATE, adapter_state_keys, check_checkpoint_adapters, checkpoint_meta,
-                          read_training_state, save_adapter, set_rng_states)
+                          read_training_state, restore_rng_states, save_adapter)
 from ..fsdp import gathered_adapters
 from ..inject import adapter_configs
 from ..strategy import _PEFTSetup
@@ -104,7 +104,7 @@ class AdapterCheckpoint(ModelCheckpoint):
         meta = checkpoint.get(CHECKPOINT_KEY)
         if meta and not isinstance(trainer.strategy, _PEFTSetup):
             check_checkpoint_adapters(pl_module, checkpoint)
-            set_rng_states(meta["rng_states"])
+            restore_rng_states(meta)
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
