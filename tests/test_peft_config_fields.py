@@ -263,3 +263,61 @@ def test_target_parameters_errors_name_the_fix():
     with pytest.raises(ValueError, match="2-D"):  # refused before anything changes
         lp.inject_adapters(model, lp.LoraConfig(target_modules=["v"], lora_dropout=0.0, target_parameters=["q.bias"]))
     assert not _adapted(model) and not lp.adapter_configs(model)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gemma", "llama"])
+def test_trainable_token_indices_match_peft(kind, tmp_path):
+    """Rows of the input embedding train (GPT-2 and Gemma: the tied head follows them; Gemma's
+    embedding is scaled): PEFT's file gives PEFT's logits here, merged too, and ours loads in PEFT."""
+    import copy
+
+    import peft
+    from safetensors.torch import load_file
+
+    from lightning_peft.methods import TrainableTokensLayer
+
+    base = _tiny(kind)
+    x = torch.tensor([[3, 5, 7, 11, 5, 0], [1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        base_out = base(x).logits
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(target_modules=None if kind != "llama" else
+                                                                       ["q_proj"], trainable_token_indices=[5, 7]))
+    with torch.no_grad():
+        values = theirs.get_input_embeddings().token_adapter.trainable_tokens_delta["default"]
+        values.add_(torch.randn(values.shape, generator=torch.Generator().manual_seed(0)))  # not a constant: LayerNorm
+        expected = theirs(x).logits
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = lp.load_adapter(copy.deepcopy(base), tmp_path / "peft").eval()
+    tied = [m for m in ours.modules() if isinstance(m, TrainableTokensLayer) and m._tied]
+    assert len(tied) == (kind != "llama")  # the tied head follows the embedding's rows
+    with torch.no_grad():
+        assert (expected - base_out).abs().max() > 1e-3
+        torch.testing.assert_close(ours(x).logits, expected, rtol=1e-4, atol=1e-5)
+        lp.merge_adapters(ours)
+        torch.testing.assert_close(ours(x).logits, expected, rtol=1e-4, atol=1e-5)
+        lp.unmerge_adapters(ours)
+        with lp.disable_adapters(ours):
+            torch.testing.assert_close(ours(x).logits, base_out, rtol=1e-4, atol=1e-5)
+    lp.save_adapter(ours, tmp_path / "ours")
+    assert set(load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))) == set(
+        load_file(str(tmp_path / "peft" / "adapter_model.safetensors")))
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_trainable_tokens_train_only_their_rows():
+    from conftest import tiny_llama
+
+    model = lp.inject_adapters(tiny_llama(), lp.LoraConfig(target_modules=["q_proj"], trainable_token_indices=[5, 7]))
+    x = torch.tensor([[5, 1, 7, 2]])
+    model(input_ids=x, labels=x).loss.backward()
+    values = model.model.embed_tokens.trainable_tokens_delta["default"]
+    assert values.shape == (2, 64) and values.grad is not None and values.grad.abs().sum() > 0
+    assert not model.model.embed_tokens.base_layer.weight.requires_grad
+    with pytest.raises(ValueError, match="outside"):
+        lp.inject_adapters(tiny_llama(), lp.LoraConfig(target_modules=["q_proj"], trainable_token_indices=[500]))
+    with pytest.raises(ValueError, match="non-empty list of token ids"):
+        lp.LoraConfig(trainable_token_indices={"embed_tokens": []})
+    with pytest.raises(ValueError, match="has none"):
+        lp.inject_adapters(Stack(), lp.LoraConfig(target_modules=["q"], trainable_token_indices=[1]))

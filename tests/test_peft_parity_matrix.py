@@ -336,7 +336,6 @@ for _name, _model, _method, _kwargs in CASES:
         PENDING[_name] = _CONV
 for _name in ("MHA 1 LoRA", "MHA 2 LoRA"):
     PENDING[_name] = "LoRA on nn.MultiheadAttention: helper h19b's layer, not on main yet"
-PENDING["Embedding + transformers Conv1D 1 LoRA trainable_tokens"] = "trainable_token_indices: not built yet"
 for _name in ("Embedding + transformers Conv1D 2 DoRA", "Embedding + transformers Conv1D 3 DoRA"):
     PENDING[_name] = "DoRA on nn.Embedding: helper h19b's layer, not on main yet"
 

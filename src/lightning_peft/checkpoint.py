@@ -83,11 +83,13 @@ def embedding_base_weights(model: nn.Module, adapter_name: str, saving: bool) ->
     input / output embedding weights a PEFT file may carry (also ``<path>.weight`` of an embedding
     saved with ``save_embedding_layers=True`` without being adapted, e.g. after resizing the vocabulary)."""
     model = adapter_owner(model) or model
+    # PEFT does not save them for an adapter with trainable tokens (those exist to save space)
+    tokens = getattr(adapter_configs(model).get(adapter_name), "trainable_token_indices", None)
     weights = {}
     for path, module in _embedding_modules(model):
         wrapped = isinstance(module, AdapterModule) and module.wrapped_attr == "base_layer"
         if wrapped and adapter_name in module.adapter_names():
-            if not saving or path.rsplit(".", 1)[-1] in _EMBEDDING_NAMES:
+            if not saving or (path.rsplit(".", 1)[-1] in _EMBEDDING_NAMES and module.method == "lora" and not tokens):
                 weights[f"{KEY_PREFIX}{path}.base_layer.weight"] = module.base_layer.weight
         elif not saving and not isinstance(module, AdapterModule) and isinstance(getattr(module, "weight", None), torch.Tensor):
             weights[f"{KEY_PREFIX}{path}.weight"] = module.weight

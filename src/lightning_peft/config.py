@@ -88,6 +88,25 @@ def _check_layers(config) -> None:
                          f"list the module names instead, or put the layer indices into the regex.")
 
 
+def _check_token_indices(value):
+    """``trainable_token_indices``: None, a non-empty list of token ids, or ``{module name: ids}``."""
+    def ids(v, where):
+        if isinstance(v, (tuple, set, frozenset)):
+            v = sorted(v) if isinstance(v, (set, frozenset)) else list(v)
+        if not isinstance(v, list) or not v or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                         for i in v):
+            raise ValueError(f"trainable_token_indices{where}={v!r}: give a non-empty list of token ids (ints >= 0).")
+        return v
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        if not value or not all(isinstance(k, str) and k for k in value):
+            raise ValueError(f"trainable_token_indices={value!r}: keys are embedding module names, e.g. "
+                             f"{{'embed_tokens': [0, 5]}}.")
+        return {k: ids(v, f"[{k!r}]") for k, v in value.items()}
+    return ids(value, "")
+
+
 class AdapterConfig(abc.ABC):
     """What every adapter config shares: ``peft_type``, ``to_dict`` (the ``adapter_config.json``
     content) and ``from_dict`` (ours or PEFT's file; unknown fields ignored with a warning)."""
@@ -181,6 +200,9 @@ class LoraConfig(AdapterConfig):
             expert). The update is added to the weight in the forward, so it needs
             ``lora_dropout=0`` and no DoRA / ``lora_bias`` (as in PEFT). With ``target_modules=None``
             only the parameters are adapted.
+        trainable_token_indices: rows of an embedding that train (new special tokens): a list of
+            token ids (the model's input embedding) or ``{embedding name: [ids]}``. Only those rows
+            train and are saved; an output head tied to the embedding follows them (as in PEFT).
     """
 
     r: int = 16
@@ -200,6 +222,7 @@ class LoraConfig(AdapterConfig):
     layers_pattern: Union[str, list[str], None] = None
     lora_bias: bool = False
     target_parameters: Union[list[str], None] = None
+    trainable_token_indices: Union[list[int], dict, None] = None
 
     peft_type = "LORA"
 
@@ -230,6 +253,7 @@ class LoraConfig(AdapterConfig):
                 raise ValueError(f"{flag}={getattr(self, flag)!r}: must be True or False.")
         if self.lora_bias and self.use_dora:
             raise ValueError("lora_bias=True with use_dora=True: PEFT does not combine them either; pick one.")
+        self.trainable_token_indices = _check_token_indices(self.trainable_token_indices)
         if isinstance(self.target_parameters, str):
             self.target_parameters = [self.target_parameters]
         if self.target_parameters is not None:
@@ -252,7 +276,8 @@ class LoraConfig(AdapterConfig):
                                "init_lora_weights": self.init_lora_weights,
                                "modules_to_save": self.modules_to_save,
                                "rank_pattern": self.rank_pattern, "alpha_pattern": self.alpha_pattern}
-        for name in ("use_rslora", "use_dora", "exclude_modules", "layers_pattern", "lora_bias", "target_parameters"):
+        for name in ("use_rslora", "use_dora", "exclude_modules", "layers_pattern", "lora_bias", "target_parameters",
+                     "trainable_token_indices"):
             if getattr(self, name):
                 out[name] = getattr(self, name)
         if self.layers_to_transform is not None:

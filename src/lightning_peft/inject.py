@@ -23,7 +23,8 @@ from typing import Iterator
 from torch import nn
 
 from .config import AdapterConfig, BitFitConfig, BottleneckConfig, IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig
-from .methods import AdapterModule, BitFitLayer, BottleneckLayer, IA3Layer, LoraLayer, LoraParamLayer, ModulesToSave
+from .methods import (AdapterModule, BitFitLayer, BottleneckLayer, IA3Layer, LoraLayer, LoraParamLayer, ModulesToSave,
+                      TrainableTokensLayer)
 from .methods.bitfit import bias_size
 from .methods.base import base_kind
 from .methods.prompt import inject_prompt_learning
@@ -117,7 +118,7 @@ def _pattern_value(pattern: dict, path: str, default):
 def _unwrap(module: nn.Module) -> nn.Module:
     """The user's layer inside a layer-wrapping adapter module (``modules_to_save`` copies excepted)."""
     return module.base_layer if isinstance(module, (LoraLayer, LoraParamLayer, IA3Layer, BitFitLayer,
-                                                    BottleneckLayer)) else module
+                                                    BottleneckLayer, TrainableTokensLayer)) else module
 
 
 def _closest(name: str, paths: list[str]) -> list[str]:
@@ -220,6 +221,7 @@ def _inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str, loadin
     targets = _find_targets(model, config)
     saved = _find_saved(model, config)
     params = _find_parameters(model, config, {p for p, _ in targets})
+    tokens = _find_token_rows(model, config, {p for p, _ in targets} | {p for p, _ in saved})
 
     # (_wrap_all sets each layer's train/eval mode after add_adapter: new dropout modules follow it)
     _wrap_all(model, targets, LoraLayer, "LoRA",
@@ -235,7 +237,9 @@ def _inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str, loadin
         lora_alpha=_pattern_value(config.alpha_pattern, path, config.lora_alpha),
         use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights))
     _wrap_saved(model, saved, adapter_name)
+    _wrap_token_rows(model, tokens, adapter_name)
     return dataclasses.replace(config, target_modules=sorted(p for p, _ in targets) or None,
+                               trainable_token_indices={p: ids for p, _, ids, _ in tokens} or None,
                                target_parameters=sorted(f"{p}.{n}" for p, _, n in params) or None,
                                fan_in_fan_out=config.fan_in_fan_out or any(
                                    base_kind(_unwrap(m)) == "conv1d" for _, m in targets))
@@ -276,6 +280,69 @@ def _find_parameters(model: nn.Module, config: LoraConfig, module_targets: set[s
         raise ValueError(f"LoRA cannot go on parameters of modules that already carry another method's adapter: "
                          f"{taken[:5]}. Use one method per module.")
     return found
+
+
+def _find_token_rows(model: nn.Module, config: LoraConfig, taken: set[str]):
+    """``(path, embedding, token ids, tied heads [(path, module)])`` for ``trainable_token_indices``:
+    a list means the input embedding (``get_input_embeddings``, else a module named ``embed_tokens``);
+    a dict names the embeddings. Heads whose weight is the embedding's (tied) follow it."""
+    wanted = config.trainable_token_indices
+    if not wanted:
+        return []
+    modules = list(_user_modules(model))
+    if not isinstance(wanted, dict):
+        getter = getattr(model, "get_input_embeddings", None)
+        embedding = getter() if callable(getter) else None
+        path = next((p for p, m in modules if embedding is not None and _unwrap(m) is embedding), None)
+        path = path or next((p for p, _ in modules if p.rsplit(".", 1)[-1] == "embed_tokens"), None)
+        if path is None:
+            raise ValueError(f"trainable_token_indices={wanted} as a list means the input embedding, and "
+                             f"{type(model).__name__} has none (no get_input_embeddings, no embed_tokens): name it, "
+                             f"trainable_token_indices={{'<embedding module>': {wanted}}}.")
+        wanted = {path: wanted}
+    found = []
+    for name, ids in wanted.items():
+        hits = [(p, m) for p, m in modules if _matches([name], p)]
+        if len(hits) != 1:
+            raise ValueError(f"trainable_token_indices key {name!r} matches {len(hits)} modules "
+                             f"({[p for p, _ in hits][:4] or _closest(name, [p for p, _ in modules])}); name one "
+                             f"nn.Embedding by its path or a unique suffix.")
+        path, module = hits[0]
+        if path in taken:
+            raise ValueError(f"{path} is in target_modules or modules_to_save and in trainable_token_indices: train its "
+                             f"rows one way (drop it from one of them).")
+        real = _unwrap(module)
+        if not isinstance(real, nn.Embedding) or (isinstance(module, AdapterModule)
+                                                  and not isinstance(module, TrainableTokensLayer)):
+            raise ValueError(f"trainable_token_indices names {path} ({type(module).__name__}); it trains rows of an "
+                             f"nn.Embedding that carries no other adapter.")
+        bad = [i for i in ids if i >= real.num_embeddings]
+        if bad:
+            raise ValueError(f"trainable_token_indices {bad[:5]} are outside {path}'s {real.num_embeddings} rows; resize "
+                             f"the embeddings first (transformers: model.resize_token_embeddings(n)).")
+        tied = [(p, m) for p, m in modules if p != path and _unwrap(m) is not real
+                and getattr(_unwrap(m), "weight", None) is real.weight]
+        clash = [p for p, m in tied if p in taken or (isinstance(m, AdapterModule)
+                                                       and not isinstance(m, TrainableTokensLayer))]
+        if clash:
+            raise ValueError(f"{clash} share {path}'s weight (tied) and carry another adapter; trainable tokens change "
+                             f"those rows in both. Leave the tied head out of target_modules / modules_to_save.")
+        found.append((path, module, list(ids), tied))
+    return found
+
+
+def _wrap_token_rows(model: nn.Module, tokens, adapter_name: str) -> None:
+    for path, module, ids, tied in tokens:
+        layer = module if isinstance(module, TrainableTokensLayer) else TrainableTokensLayer(module)
+        layer.add_adapter(adapter_name, ids)
+        layer.train(module.training)
+        if layer is not module:
+            replace_module(model, path, layer)
+        for head_path, head in tied:
+            if not isinstance(head, TrainableTokensLayer):
+                wrapper = TrainableTokensLayer(head, tied_to=layer)
+                wrapper.train(head.training)
+                replace_module(model, head_path, wrapper)
 
 
 def _wrap_parameters(model: nn.Module, params, add) -> None:

@@ -33,7 +33,8 @@ from .card import merged_card, write_card
 from .export import (DEFAULT_MAX_SHARD_SIZE, WEIGHTS_NAME, base_directory, previous_weight_files, publish,
                      staging_directory, write_config, write_tokenizer, write_weights)
 from .inject import adapter_configs, adapter_modules, adapter_owner
-from .methods import BitFitLayer, BottleneckLayer, IA3Layer, LoraLayer, LoraParamLayer, ModulesToSave, PromptLearning
+from .methods import (BitFitLayer, BottleneckLayer, IA3Layer, LoraLayer, LoraParamLayer, ModulesToSave, PromptLearning,
+                      TrainableTokensLayer)
 from .quantize import dequantize_weight, is_quantized, quant_config, requantize_
 
 MANIFEST_NAME = "lightning_peft_export.json"
@@ -146,7 +147,7 @@ def merge_adapters(model: nn.Module, adapter_name: str | None = None, allow_loss
     _refuse_unmergeable(model, name)
     layers = [m for m in _lora_layers(model) if name in m.scaling and name not in m.merged]
     others = [m for _, m in adapter_modules(model)
-              if isinstance(m, (IA3Layer, BitFitLayer, LoraParamLayer)) and name in m.adapter_names()
+              if isinstance(m, (IA3Layer, BitFitLayer, LoraParamLayer, TrainableTokensLayer)) and name in m.adapter_names()
               and name not in m.merged]
     if not allow_lossy and any(m.quantized for m in layers):
         raise RuntimeError(_LOSSY_MESSAGE)
@@ -172,7 +173,7 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
         for name in reversed(list(layer.merged)):
             unmerge_layer(layer, name)
     for _, module in adapter_modules(model):
-        if isinstance(module, (IA3Layer, BitFitLayer, LoraParamLayer)):
+        if isinstance(module, (IA3Layer, BitFitLayer, LoraParamLayer, TrainableTokensLayer)):
             for name in reversed(list(module.merged)):
                 module.unmerge(name)
     return model
@@ -225,6 +226,11 @@ def merged_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict
             visit(module.base_layer, prefix)
             if name in module.scaling and name not in module.merged:
                 state[prefix + module.parameter_name] = module.merged_param(name)
+            return None
+        if isinstance(module, TrainableTokensLayer):  # the embedding (or tied head) with the trained rows
+            visit(module.base_layer, prefix)
+            if name in module.adapter_names() and name not in module.merged:
+                state[prefix + "weight"] = module.merged_weight(name)
             return None
         if isinstance(module, PromptLearning):  # holds only other adapters (checked above)
             return None

@@ -9,6 +9,7 @@ from .lora import LoraLayer
 from .lora_param import LoraParamLayer
 from .modules_to_save import ModulesToSave
 from .prompt import PromptLearning
+from .trainable_tokens import TrainableTokensLayer
 
 __all__ = ["AdapterModule", "BitFitLayer", "BottleneckLayer", "IA3Layer", "LoraLayer", "LoraParamLayer", "ModulesToSave",
-           "PromptLearning"]
+           "PromptLearning", "TrainableTokensLayer"]
