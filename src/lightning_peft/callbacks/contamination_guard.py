@@ -8,6 +8,19 @@ whitespace-separated words, or as token ids when a ``tokenizer`` is given. A tra
 decontamination) with an evaluation example. An example shorter than ``ngram`` tokens is compared
 as a whole: it matches only an identical short example.
 
+Templated (chat) data: the chat template's markers and a shared system prompt put the same n-grams
+in every example, which would match every evaluation example rendered the same way. So content is
+compared, not boilerplate:
+
+- a chat record (``{"messages": [...]}``, or ``{"prompt", "completion"}``) is compared by its
+  message contents only, never by a rendering;
+- with a ``tokenizer``, token-id examples are split at its special tokens (``<|im_start|>``,
+  ``<|eot_id|>``, ...): no n-gram spans a template marker;
+- an n-gram held by more than ``boilerplate`` (default 5%) of all the examples (training and
+  evaluation together, and at least 3 of them) is ignored: role headers, a shared system prompt,
+  a fixed instruction. A leak copied into that many examples is missed: lower ``boilerplate``
+  (``boilerplate=1`` turns the filter off). ``report.ignored_ngrams`` counts what was ignored.
+
 Every n-gram is hashed to 64 bits, vectorised over all windows at once (numpy, wrapping uint64):
 
     x_t = mix(token_t)                                (splitmix64 finalizer: ids spread over 64 bits)
@@ -30,6 +43,7 @@ training batch.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -50,6 +64,8 @@ _FORMATS = ("token ids (a list or 1-D tensor of ints, or a dict with 'input_ids'
             "with 'text')")
 _MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _BASE = np.uint64(0x9E3779B97F4A7C15)  # odd: invertible mod 2^64
+_SEPARATOR = "\x1e"  # between the messages of a chat record: no n-gram crosses it
+_BREAK = -1  # its token: never a real token id, and no n-gram holds it
 
 
 @dataclass(frozen=True)
@@ -70,6 +86,7 @@ class ContaminationReport:
     eval_indices: list[int]
     matches: dict[int, int]
     duplicate_groups: list[list[int]]
+    ignored_ngrams: int = 0  # distinct n-grams ignored as boilerplate (held by more than `boilerplate` of examples)
 
     @property
     def n_contaminated(self) -> int:
@@ -86,27 +103,31 @@ class ContaminationReport:
         return _describe(self, train, eval, tokenizer, lambda j: f"eval[{j}]")
 
 
-def find_contamination(train, eval, ngram: int = 13, tokenizer=None) -> ContaminationReport:
+def find_contamination(train, eval, ngram: int = 13, tokenizer=None, boilerplate: float = 0.05) -> ContaminationReport:
     """Find the training examples that share an ``ngram``-token sequence with ``eval``, and the
     exact duplicates within ``train``.
 
     ``train`` / ``eval``: map-style datasets (``len`` and indexing: lists, torch ``Dataset``,
-    HF ``datasets.Dataset``) of token ids or text, see the module docstring. ``tokenizer``
-    (a transformers tokenizer) turns text into token ids; without it text is compared word by word.
+    HF ``datasets.Dataset``) of token ids, text or chat records, see the module docstring.
+    ``tokenizer`` (a transformers tokenizer) turns text into token ids and splits token ids at its
+    special tokens; without it text is compared word by word. ``boilerplate``: n-grams held by more
+    than this share of all examples are ignored (module docstring); 1 keeps them all.
     """
     _check_ngram(ngram)
+    _check_boilerplate(boilerplate)
     train_seqs, train_kind = _sequences(train, "train", tokenizer)
     eval_seqs, eval_kind = _sequences(eval, "eval", tokenizer)
     if train_seqs and eval_seqs and train_kind != eval_kind:
         raise ValueError(f"find_contamination: the training data holds {train_kind} and the evaluation data "
                          f"{eval_kind}; pass tokenizer=... so that both are compared as token ids.")
-    return _find(train_seqs, eval_seqs, ngram)
+    special = None if tokenizer is None else np.asarray(sorted(tokenizer.all_special_ids), dtype=np.int64)
+    return _find(train_seqs, eval_seqs, ngram, boilerplate, special if train_kind == "token ids" else None)
 
 
-def drop_contaminated(train, eval, ngram: int = 13, tokenizer=None) -> Subset:
+def drop_contaminated(train, eval, ngram: int = 13, tokenizer=None, boilerplate: float = 0.05) -> Subset:
     """``train`` without the examples that share an n-gram with ``eval``: a ``torch.utils.data.Subset``
     to build the training DataLoader from (e.g. in ``LightningDataModule.setup``). Duplicates are kept."""
-    report = find_contamination(train, eval, ngram, tokenizer)
+    report = find_contamination(train, eval, ngram, tokenizer, boilerplate)
     return Subset(train, _kept(report))
 
 
@@ -119,7 +140,14 @@ class ContaminationGuard(Callback):
             ``"raise"`` (stop before the first step) or ``"drop"`` (report, then train on the
             training dataset without them). Exact duplicates within the training data are always
             reported, never dropped (repeating data can be deliberate).
-        tokenizer: a transformers tokenizer: decodes the quoted examples and tokenizes text datasets.
+        tokenizer: a transformers tokenizer (or the path of a directory saved with
+            ``save_pretrained``, e.g. from a YAML config): decodes the quoted examples, tokenizes
+            text datasets and splits token ids at its special tokens.
+        boilerplate: n-grams held by more than this share of all examples are ignored (template
+            markers, a shared system prompt); see the module docstring. 1 keeps them all.
+        max_drop: ``on_hit="drop"`` raises instead of training on what is left when more than this
+            share of the training examples would be dropped (almost everything "contaminated" is
+            a sign that the comparison sees shared boilerplate, not leaks).
 
     The training data is ``trainer.train_dataloader.dataset`` (one map-style DataLoader); the
     evaluation data is the dataset of every validation dataloader. ``report`` holds the last
@@ -132,13 +160,21 @@ class ContaminationGuard(Callback):
     build the loader from :func:`drop_contaminated` yourself.
     """
 
-    def __init__(self, ngram: int = 13, on_hit: str = "warn", tokenizer=None) -> None:
+    def __init__(self, ngram: int = 13, on_hit: str = "warn", tokenizer=None, boilerplate: float = 0.05,
+                 max_drop: float = 0.25) -> None:
         _check_ngram(ngram)
+        _check_boilerplate(boilerplate)
         if on_hit not in ON_HIT:
             raise ValueError(f"ContaminationGuard(on_hit={on_hit!r}): choose one of {', '.join(map(repr, ON_HIT))}.")
+        if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not 0 <= max_drop <= 1:
+            raise ValueError(f"ContaminationGuard(max_drop={max_drop!r}): give the largest share of the training "
+                             f"examples on_hit='drop' may remove, in [0, 1] (default 0.25).")
+        from ..data.tokenizer import load_tokenizer
         self.ngram = ngram
         self.on_hit = on_hit
-        self.tokenizer = tokenizer
+        self.tokenizer = load_tokenizer(tokenizer, "ContaminationGuard") if tokenizer is not None else None
+        self.boilerplate = boilerplate
+        self.max_drop = max_drop
         self.report: ContaminationReport | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -157,7 +193,7 @@ class ContaminationGuard(Callback):
         joined = ConcatDataset(evals) if len(evals) > 1 else (evals[0] if evals else [])
 
         start = time.perf_counter()
-        report = self.report = find_contamination(loader.dataset, joined, self.ngram, self.tokenizer)
+        report = self.report = find_contamination(loader.dataset, joined, self.ngram, self.tokenizer, self.boilerplate)
         lines = [f"ContaminationGuard: scanned {report.n_train:,} training and {report.n_eval:,} validation examples "
                  f"({self.ngram}-grams) in {time.perf_counter() - start:.2f} s."]
         if not evals:
@@ -178,6 +214,15 @@ class ContaminationGuard(Callback):
             raise RuntimeError("\n".join(lines) + "\nRemove them before training: build the training DataLoader from "
                                "lightning_peft.callbacks.drop_contaminated(train, val), or use "
                                "ContaminationGuard(on_hit='drop').")
+        if hit and self.on_hit == "drop" and report.n_contaminated > self.max_drop * report.n_train:
+            raise RuntimeError("\n".join(lines) + f"\nContaminationGuard(on_hit='drop') would drop "
+                               f"{report.n_contaminated:,} of {report.n_train:,} training examples "
+                               f"({report.n_contaminated / max(1, report.n_train):.0%}, more than max_drop="
+                               f"{self.max_drop:g}) and train on what is left. So much overlap is rarely real "
+                               f"leakage: check the quoted shared text. If it is a template or a system prompt, "
+                               f"compare message contents (chat records), pass tokenizer=... so that template "
+                               f"markers split the n-grams, or lower boilerplate; if the leak is real, remove it "
+                               f"from the data, or raise max_drop.")
         if hit and self.on_hit == "drop":
             _train_on(trainer, loader, Subset(loader.dataset, _kept(report)))
             lines.append(f"Dropped the {report.n_contaminated:,} contaminated examples: training on "
@@ -191,6 +236,12 @@ class ContaminationGuard(Callback):
 def _check_ngram(ngram: int) -> None:
     if isinstance(ngram, bool) or not isinstance(ngram, int) or ngram < 1:
         raise ValueError(f"ngram={ngram!r}: give the n-gram length in tokens, an int >= 1 (13 is the usual choice).")
+
+
+def _check_boilerplate(boilerplate: float) -> None:
+    if isinstance(boilerplate, bool) or not isinstance(boilerplate, (int, float)) or not 0 < boilerplate <= 1:
+        raise ValueError(f"boilerplate={boilerplate!r}: give the share of examples above which a shared n-gram is "
+                         f"ignored as template text, in (0, 1] (default 0.05; 1 ignores nothing).")
 
 
 def _kept(report: ContaminationReport) -> list[int]:
@@ -212,19 +263,28 @@ def _sequences(dataset, role: str, tokenizer) -> tuple[list[np.ndarray], str]:
     texts = [i for i, example in enumerate(examples) if isinstance(example, str)]
     if not texts:
         return examples, "token ids"
-    if tokenizer is not None:
-        encoded = tokenizer([examples[i] for i in texts], add_special_tokens=False)["input_ids"]
-        for i, ids in zip(texts, encoded):
-            examples[i] = np.asarray(ids, dtype=np.int64)
-        return examples, "token ids"
-    if len(texts) < size:
+    if tokenizer is None and len(texts) < size:
         raise ValueError(f"The {role} data mixes text and token ids; pass tokenizer=... so that the text is "
                          f"compared as token ids too.")
-    return [np.fromiter(map(hash, text.split()), np.int64) for text in examples], "text"
+    parts = [part for i in texts for part in examples[i].split(_SEPARATOR)]
+    if tokenizer is not None:
+        encoded = iter(tokenizer(parts, add_special_tokens=False)["input_ids"]) if parts else iter(())
+    else:
+        encoded = (list(map(hash, part.split())) for part in parts)
+    for i in texts:
+        ids = []
+        for k in range(examples[i].count(_SEPARATOR) + 1):
+            ids += ([_BREAK] if k else []) + list(next(encoded))
+        examples[i] = np.asarray(ids, dtype=np.int64)
+    return examples, "token ids" if tokenizer is not None else "text"
 
 
 def _example(item: Any, role: str, index: int) -> str | np.ndarray:
-    """One example as text or as a 1-D int64 array of token ids."""
+    """One example as text or as a 1-D int64 array of token ids. A chat record is its message
+    contents (one per line), without any template."""
+    if isinstance(item, Mapping) and ("messages" in item or ("prompt" in item and "completion" in item)):
+        from ..data.tokenize import message_texts
+        return _SEPARATOR.join(message_texts(item))
     if isinstance(item, Mapping) and "input_ids" in item:
         ids = _example(item["input_ids"], role, index)
         mask = item.get("attention_mask")
@@ -259,8 +319,9 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def _ngram_hashes(seqs: list[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The 64-bit hash of every n-gram inside an example, and the index of that example."""
+def _ngram_hashes(seqs: list[np.ndarray], n: int, special: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The 64-bit hash of every n-gram inside an example (and without a ``special`` token), and the
+    index of that example."""
     lengths = np.fromiter(map(len, seqs), np.int64, len(seqs))
     total = int(lengths.sum())
     if total < n:
@@ -273,16 +334,70 @@ def _ngram_hashes(seqs: list[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarra
         h += x[k:k + windows]
     owner = np.repeat(np.arange(len(seqs)), lengths)[:windows]
     inside = np.arange(windows) + n <= np.cumsum(lengths)[owner]  # the window ends within its example
+    special = np.asarray([_BREAK] if special is None else [_BREAK, *special], dtype=np.int64)
+    marks = np.concatenate([[0], np.cumsum(np.isin(np.concatenate(seqs), special))])
+    inside &= marks[n:n + windows] == marks[:windows]  # no special token (or message break) in the window
     return h[inside], owner[inside]
 
 
-def _find(train: list[np.ndarray], eval: list[np.ndarray], n: int) -> ContaminationReport:
+def _with_short_segments(h: np.ndarray, owner: np.ndarray, seqs: list[np.ndarray], n: int,
+                         special: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Add one hash per segment shorter than ``n`` (a short message between breaks or special
+    tokens): such a segment matches only the same whole segment. Examples without any break are
+    left to the whole-example comparison."""
+    cuts = np.asarray([_BREAK] if special is None else [_BREAK, *special], dtype=np.int64)
+    extra_h, extra_owner = [], []
+    for i, seq in enumerate(seqs):
+        at = np.flatnonzero(np.isin(seq, cuts))
+        if not len(at):
+            continue
+        for segment in np.split(seq, at):
+            segment = segment[1:] if len(segment) and segment[0] in cuts else segment
+            if 0 < len(segment) < n:
+                digest = hashlib.blake2b(segment.tobytes(), digest_size=8, person=b"short").digest()
+                extra_h.append(np.frombuffer(digest, np.uint64)[0])
+                extra_owner.append(i)
+    if not extra_h:
+        return h, owner
+    return (np.concatenate([h, np.asarray(extra_h, np.uint64)]),
+            np.concatenate([owner, np.asarray(extra_owner, np.int64)]))
+
+
+def _document_frequency(h: np.ndarray, owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct hashes and how many examples hold each."""
+    order = np.lexsort((owner, h))
+    hs, os = h[order], owner[order]
+    first = np.ones(len(hs), dtype=bool)
+    first[1:] = (hs[1:] != hs[:-1]) | (os[1:] != os[:-1])
+    return np.unique(hs[first], return_counts=True)
+
+
+def _boilerplate(train_hash, train_owner, eval_hash, eval_owner, share: float, examples: int) -> np.ndarray:
+    """The n-gram hashes held by more than ``share`` of all ``examples`` (and by at least 3)."""
+    if share >= 1:
+        return np.zeros(0, np.uint64)
+    (a, ca), (b, cb) = _document_frequency(train_hash, train_owner), _document_frequency(eval_hash, eval_owner)
+    hashes, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
+    counts = np.bincount(inverse, weights=np.concatenate([ca, cb]), minlength=len(hashes))
+    return hashes[(counts > share * examples) & (counts >= 3)]
+
+
+def _find(train: list[np.ndarray], eval: list[np.ndarray], n: int, boilerplate: float = 1.0,
+          special: np.ndarray | None = None) -> ContaminationReport:
     matches = _short_matches(train, eval, n)
     matched_short = {train[i].tobytes() for i in matches}
     eval_hit = {j for j, s in enumerate(eval) if 0 < len(s) < n and s.tobytes() in matched_short}
 
-    train_hash, train_owner = _ngram_hashes(train, n)
-    eval_hash, eval_owner = _ngram_hashes(eval, n)
+    train_hash, train_owner = _with_short_segments(*_ngram_hashes(train, n, special), train, n, special)
+    eval_hash, eval_owner = _with_short_segments(*_ngram_hashes(eval, n, special), eval, n, special)
+    ignored = 0
+    if len(train_hash) and len(eval_hash):
+        common = _boilerplate(train_hash, train_owner, eval_hash, eval_owner, boilerplate, len(train) + len(eval))
+        if ignored := len(common):
+            keep = ~np.isin(train_hash, common)
+            train_hash, train_owner = train_hash[keep], train_owner[keep]
+            keep = ~np.isin(eval_hash, common)
+            eval_hash, eval_owner = eval_hash[keep], eval_owner[keep]
     if len(train_hash) and len(eval_hash):
         # first occurrence = lowest evaluation index holding that n-gram (owners ascend with position)
         unique, first = np.unique(eval_hash, return_index=True)
@@ -300,7 +415,7 @@ def _find(train: list[np.ndarray], eval: list[np.ndarray], n: int) -> Contaminat
         groups.setdefault(s.tobytes(), []).append(i)
     return ContaminationReport(ngram=n, n_train=len(train), n_eval=len(eval), train_indices=sorted(matches),
                                eval_indices=sorted(eval_hit), matches=dict(sorted(matches.items())),
-                               duplicate_groups=[g for g in groups.values() if len(g) > 1])
+                               duplicate_groups=[g for g in groups.values() if len(g) > 1], ignored_ngrams=ignored)
 
 
 def _short_matches(train: list[np.ndarray], eval: list[np.ndarray], n: int) -> dict[int, int]:
@@ -344,6 +459,7 @@ def _tokens(item: Any, tokenizer) -> list:
     example = _example(item, "", 0)
     if not isinstance(example, str):
         return example.tolist()
+    example = example.replace(_SEPARATOR, "\n")
     return tokenizer(example, add_special_tokens=False)["input_ids"] if tokenizer is not None else example.split()
 
 
