@@ -258,11 +258,12 @@ class LoraConfig(AdapterConfig):
             self.target_parameters = [self.target_parameters]
         if self.target_parameters is not None:
             self.target_parameters = _check_names(list(self.target_parameters), "target_parameters")
-            if self.lora_dropout or self.use_dora or self.lora_bias:
+            fixes = {"lora_dropout": 0.0, "use_dora": False, "lora_bias": False}
+            wrong = [f"{k}={getattr(self, k)!r}" for k in fixes if getattr(self, k)]
+            if wrong:
                 raise ValueError(f"target_parameters={self.target_parameters} adds the update to the weight itself, so "
-                                 f"it cannot take lora_dropout={self.lora_dropout}, use_dora={self.use_dora} or "
-                                 f"lora_bias={self.lora_bias} (PEFT refuses them too): set lora_dropout=0.0, "
-                                 f"use_dora=False, lora_bias=False.")
+                                 f"it cannot take {', '.join(wrong)} (as in PEFT): set "
+                                 f"{', '.join(f'{k}={fixes[k]!r}' for k in fixes if getattr(self, k))}.")
         _check_layers(self)
 
     # ----------------------------------------------------------------------------- serialisation
