@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import lightning_peft as lp
 from conftest import tiny_llama
-from lightning_peft.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from lightning_peft.checkpoint import CHECKSUMS_NAME, CONFIG_NAME, WEIGHTS_NAME
 
 
 def test_unknown_target_module_lists_closest_names():
@@ -50,6 +50,7 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path):
     key = "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"
     tensors["base_model.model.model.layers.1.mlp.up_proj.lora_C.weight"] = tensors.pop(key)
     save_file(tensors, tmp_path / WEIGHTS_NAME)
+    (tmp_path / CHECKSUMS_NAME).unlink()  # an edited file, as a PEFT directory (no checksums) could hold
     with pytest.raises(ValueError) as err:
         lp.load_adapter(tiny_llama(), tmp_path)
     assert f"missing from the file (1): {key}" in str(err.value)
@@ -117,7 +118,7 @@ def test_crash_mid_save_leaves_previous_adapter_loadable(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         lp.save_adapter(second, tmp_path)
     monkeypatch.undo()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", CONFIG_NAME, WEIGHTS_NAME]  # no temp litter
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", CONFIG_NAME, WEIGHTS_NAME, CHECKSUMS_NAME]  # no temp litter
     reloaded = lp.load_adapter(tiny_llama(), tmp_path).eval()
     x = torch.randint(0, 128, (1, 8))
     with torch.no_grad():

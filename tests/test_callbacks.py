@@ -51,7 +51,7 @@ def test_adapter_checkpoint_directory_loads_in_peft_with_same_logits(tmp_path):
     assert saved == ["epoch=0-step=6", "last"]  # top-1 by recency; the step-3 save was pruned
     directory = tmp_path / "ckpt" / "last"
     assert {p.name for p in directory.iterdir()} == {"adapter_config.json", "adapter_model.safetensors",
-                                                      "training_state.ckpt", "README.md"}
+                                                      "lightning_peft_checksums.json", "training_state.ckpt", "README.md"}
     card = (directory / "README.md").read_text()  # the model card knows the fit: data, steps, metrics
     assert "- optimizer steps: 6" in card and "- training examples: " in card and "| train_loss |" in card
     assert checkpoint.best_adapter_path.endswith("epoch=0-step=6")

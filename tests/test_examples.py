@@ -34,7 +34,8 @@ def test_callbacks_example_uses_all_three(tmp_path):
     result = main(["--steps", "20", "--out", str(tmp_path)])
     assert result["optimizer"] == "PagedAdamW8bit"
     assert {p.name for p in (tmp_path / "adapters" / "last").iterdir()} == {
-        "adapter_config.json", "adapter_model.safetensors", "training_state.ckpt", "README.md"}
+        "adapter_config.json", "adapter_model.safetensors", "lightning_peft_checksums.json", "training_state.ckpt",
+        "README.md"}
     assert Path(result["best"]).is_dir()
     assert (tmp_path / "merged" / "model.safetensors").is_file() and result["merge_error"] <= 1e-2
 

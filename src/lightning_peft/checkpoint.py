@@ -5,27 +5,34 @@ A directory holds ``adapter_config.json`` and ``adapter_model.safetensors``. Key
 ``...lora_magnitude_vector`` (DoRA), ``...lora_embedding_A`` / ``_B`` (embeddings), ``...ia3_l``
 ((IA)^3), ``prompt_embeddings`` (prompt and prefix tuning: no module path), and the module's own
 keys for ``modules_to_save`` copies and trained biases; the adapter name is not in the file.
-Both libraries read each other's directories. BitFit (``...bitfit_bias``) and bottleneck adapters
+Both libraries read each other's directories. Our saves add ``lightning_peft_checksums.json``, the
+sha256 of each tensor file (PEFT ignores the file); loading verifies it when present. BitFit (``...bitfit_bias``) and bottleneck adapters
 (``...adapter_down.weight`` etc.) have no PEFT counterpart: their keys are ours, same layout.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import random
+import re
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 from torch import nn
 
 from .atomic import atomic_write
 from .config import AdapterConfig, config_from_dict
 from .methods import AdapterModule
-from .inject import _inject, adapter_configs, adapter_modules, adapter_owner, adapter_parameters, delete_adapter, set_adapter
+from .inject import (_inject, adapter_configs, adapter_modules, adapter_owner, adapter_parameters, check_adapter_name,
+                     delete_adapter, set_adapter)
 from .quantize import quant_config
 
 CONFIG_NAME = "adapter_config.json"
@@ -34,6 +41,8 @@ PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 KEY_PREFIX = "base_model.model."
 TRAINING_STATE = "training_state.ckpt"  # beside the adapter files in an AdapterCheckpoint save
 CHECKPOINT_KEY = "lightning_peft"  # the entry of a Lightning checkpoint that holds checkpoint_meta
+CHECKSUMS_NAME = "lightning_peft_checksums.json"  # {"sha256": {tensor file name: hex digest}}; PEFT ignores it
+MAX_JSON_BYTES = 16 * 2**20  # an adapter config is a few KB: anything this large is not one
 
 
 def adapter_tensors(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
@@ -107,7 +116,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     lightning-peft, vLLM multi-LoRA); ``trainer`` adds the fit's data counts and final metrics.
 
     The weights are written before the config, each atomically, so a reader never sees a config
-    that points at missing weights. Returns the directory."""
+    that points at missing weights; the sha256 of the weights file goes into
+    ``lightning_peft_checksums.json`` (:func:`load_adapter` verifies it). Returns the directory."""
+    check_adapter_name(adapter_name)
     configs = adapter_configs(model)
     if adapter_name not in configs:
         raise ValueError(f"no adapter named {adapter_name!r} to save; this model has {list(configs)}.")
@@ -115,17 +126,67 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {**embedding_base_weights(model, adapter_name, saving=True), **adapter_tensors(model, adapter_name)}
     tensors = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    digests = {}
+
+    def write_weights(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        digests[WEIGHTS_NAME] = hashlib.sha256(tmp.read_bytes()).hexdigest()  # of the bytes on disk
+
+    atomic_write(directory / WEIGHTS_NAME, write_weights)
     config = configs[adapter_name].to_dict()
     config["base_model_name_or_path"] = getattr(adapter_owner(model), "name_or_path", None) or None
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(text))
+    sums = json.dumps({"sha256": digests}, indent=2) + "\n"
+    atomic_write(directory / CHECKSUMS_NAME, lambda tmp: tmp.write_text(sums))
     if model_card:
         from .card import CARD_NAME, adapter_card
 
         card = adapter_card(config, model, trainer, adapter_name)
         atomic_write(directory / CARD_NAME, lambda tmp: tmp.write_text(card))
     return directory
+
+
+def _read_json(path: Path, what: str) -> Any:
+    """The JSON in ``path``; one ``ValueError`` naming the file for anything that is not JSON
+    (bad UTF-8, syntax, nesting too deep, a file far too large to be ``what``)."""
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise ValueError(f"{path} is {path.stat().st_size:,} bytes: far too large for {what}; the file is "
+                             f"not one (or is corrupt).")
+        raw = path.read_bytes()
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a directory, not {what}.") from None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not valid UTF-8 (byte {err.start}): {what} is UTF-8 JSON; the file is corrupt "
+                         f"or not one.") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}).") from None
+    except RecursionError:
+        raise ValueError(f"{path}: its JSON is nested too deeply to be {what}.") from None
+
+
+def _verify_checksum(directory: Path, path: Path, data: bytes) -> None:
+    """Compare ``data`` (the bytes of ``path``) with the sha256 recorded at save, if any."""
+    sums_path = directory / CHECKSUMS_NAME
+    if not sums_path.is_file():
+        return  # PEFT's directories (and ours from before checksums) carry none
+    sums = _read_json(sums_path, "a checksum file")
+    recorded = sums.get("sha256") if isinstance(sums, dict) else None
+    if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
+        raise ValueError(f"{sums_path}: field 'sha256' must map file names to hex digests; the checksum file is "
+                         f"corrupt. Delete it to load without the check, or save the adapter again.")
+    expected = recorded.get(path.name)
+    if expected is None:
+        return
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected.lower():
+        raise ValueError(f"{path} is truncated or corrupt: its sha256 {actual[:16]}... differs from {expected[:16]}... "
+                         f"recorded in {CHECKSUMS_NAME} at save, so the file changed after the save (disk error, "
+                         f"partial copy, edit). Restore the file or save the adapter again (if you changed the "
+                         f"weights on purpose, delete {CHECKSUMS_NAME}).")
 
 
 def _read_weights(directory: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
@@ -138,14 +199,33 @@ def _read_weights(directory: Path, allow_pickle: bool) -> dict[str, torch.Tensor
                              f"(safetensors.torch.save_file(torch.load(path, weights_only=True), "
                              f"'{WEIGHTS_NAME}')), or pass allow_pickle=True to read it with "
                              f"torch.load(weights_only=True).")
-        if pickled:
-            return torch.load(pickled[0], map_location="cpu", weights_only=True)
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}; save_adapter writes one beside {CONFIG_NAME}.")
+        if not pickled:
+            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}; save_adapter writes one beside {CONFIG_NAME}.")
+        path = pickled[0]
+        tensors = load_checkpoint_file(path)
+        if not all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in tensors.items()):
+            raise ValueError(f"{path} is not an adapter state dict ({{name: tensor}}).")
+        return _refuse_nonfinite(path, tensors)
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ValueError(f"cannot read adapter weights {path} ({err.strerror or err}).") from None
+    _verify_checksum(directory, path, data)
+    try:
+        tensors = load_safetensors(data)
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as err:
         raise ValueError(f"cannot read adapter weights {path}: the file is truncated or corrupt ({err}). "
                          f"Save the adapter again or restore the file.") from None
+    return _refuse_nonfinite(path, tensors)
+
+
+def _refuse_nonfinite(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    nonfinite = sorted(k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
+    if nonfinite:
+        raise ValueError(f"adapter weights {path} hold NaN or inf in {len(nonfinite)} tensors "
+                         f"({', '.join(nonfinite[:4])}{' ...' if len(nonfinite) > 4 else ''}): the training diverged "
+                         f"or the file is corrupt. Use an earlier checkpoint.")
+    return tensors
 
 
 def check_tensors_fit(expected: Mapping[str, torch.Tensor], loaded: Mapping[str, torch.Tensor], source: str,
@@ -157,6 +237,9 @@ def check_tensors_fit(expected: Mapping[str, torch.Tensor], loaded: Mapping[str,
     unexpected = sorted(loaded.keys() - expected.keys())
     mismatched = [f"{k}: {what} {tuple(loaded[k].shape)} vs model {tuple(expected[k].shape)}"
                   for k in sorted(expected.keys() & loaded.keys()) if loaded[k].shape != expected[k].shape]
+    mismatched += [f"{k}: {what} dtype {loaded[k].dtype} vs model {expected[k].dtype}"
+                   for k in sorted(expected.keys() & loaded.keys())
+                   if expected[k].is_floating_point() and not loaded[k].is_floating_point()]
     if not (missing or unexpected or mismatched):
         return
     lines = [f"adapter tensors in {source} do not fit this model's adapters:"]
@@ -177,13 +260,34 @@ def read_adapter_config(directory: Path, config_class: type[AdapterConfig] | Non
     if not config_path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not an adapter directory "
                                 f"(save_adapter or PEFT's save_pretrained write one).")
+    data = _read_json(config_path, "an adapter config")
+    if not isinstance(data, dict):
+        raise ValueError(f"{config_path} holds a JSON {type(data).__name__}, not the object of an adapter config "
+                         f"(field: the whole file). Save the adapter again.")
+    build = (lambda d: config_class.from_dict(d, source=str(config_path))) if config_class is not None else (
+        lambda d: config_from_dict(d, source=str(config_path)))
     try:
-        data = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path} is not valid JSON ({err}).") from None
-    if config_class is not None:
-        return config_class.from_dict(data, source=str(config_path))
-    return config_from_dict(data, source=str(config_path))
+        return build(data)
+    except (TypeError, ValueError) as err:
+        message = str(err)
+        if isinstance(err, TypeError):  # a wrong type no check names: find the field alone
+            message = f"{_field_of_type_error(build, data)}{message}"
+        raise ValueError(message if str(config_path) in message else f"{config_path}: {message}") from None
+
+
+def _field_of_type_error(build, data: dict) -> str:
+    """``"field 'x': "`` for the one field of ``data`` whose value alone makes ``build`` raise ``TypeError``."""
+    base = {"peft_type": data["peft_type"]} if isinstance(data.get("peft_type"), str) else {}
+    for key, value in data.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                build({**base, key: value})
+        except TypeError:
+            return f"field {key!r} has the wrong type ({type(value).__name__}): "
+        except ValueError:
+            continue
+    return ""
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
@@ -195,6 +299,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     lists the offending keys. ``trainable=False`` freezes the adapter (inference, DPO reference);
     ``True`` makes it the only thing that trains. Returns ``model``.
     """
+    check_adapter_name(adapter_name)
     directory = Path(directory)
     config = read_adapter_config(directory)
     loaded = _read_weights(directory, allow_pickle)
@@ -217,17 +322,78 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     with torch.no_grad():
         for key, tensor in expected_all.items():
             tensor.copy_(loaded[key].to(tensor.dtype))
+    try:
+        _refuse_overflowing_updates(model, adapter_name, directory / CONFIG_NAME)
+    except ValueError:
+        delete_adapter(model, adapter_name)
+        raise
     set_adapter(model, adapter_name, trainable=trainable)
     return model
 
 
+def _refuse_overflowing_updates(model: nn.Module, adapter_name: str, config_path: Path) -> None:
+    """Refuse a LoRA adapter whose update ``s B A`` is not finite in float32 (a ``lora_alpha`` of
+    1e308 is finite, but scales any update to inf). Cheap: ``s r max|B| max|A|`` bounds every entry,
+    and only a layer whose bound overflows gets its update computed."""
+    from .methods import LoraLayer
+
+    limit = torch.finfo(torch.float32).max
+    with torch.no_grad():
+        for path, layer in adapter_modules(model):
+            if not isinstance(layer, LoraLayer) or adapter_name not in layer.scaling:
+                continue
+            A, B = layer._factors(adapter_name)
+            bound = abs(layer.scaling[adapter_name]) * A.shape[0] * A.abs().max().item() * B.abs().max().item()
+            if bound < limit or torch.isfinite(layer.delta_weight(adapter_name).float()).all():
+                continue
+            raise ValueError(f"{config_path}: the scaling {layer.scaling[adapter_name]:.3g} (lora_alpha / r) makes the "
+                             f"update s * B @ A of layer {path} overflow float32 (inf): field lora_alpha (or "
+                             f"alpha_pattern) is not a value training could have produced. Fix it in the file.")
+
+
 def read_training_state(directory: str | os.PathLike, map_location=None, weights_only: bool | None = None) -> dict:
-    """The Lightning checkpoint inside an AdapterCheckpoint save directory."""
+    """The Lightning checkpoint inside an AdapterCheckpoint save directory (``weights_only``: see
+    :func:`load_checkpoint_file`)."""
     path = Path(directory) / TRAINING_STATE
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is a directory without {TRAINING_STATE}: not an AdapterCheckpoint save "
                                 f"(a directory of adapter files alone loads with lightning_peft.load_adapter).")
-    return torch.load(path, map_location=map_location or "cpu", weights_only=True if weights_only is None else weights_only)
+    return load_checkpoint_file(path, map_location, weights_only)
+
+
+def load_checkpoint_file(path: str | os.PathLike, map_location=None, weights_only: bool | None = None,
+                         load=None) -> dict:
+    """A Lightning checkpoint (a pickle) loaded with ``torch.load(weights_only=True)``: tensors and
+    plain data only, so a file whose pickle would run code (``__reduce__``) is refused, not run.
+    ``weights_only=False`` is honoured only when passed explicitly (for a file you trust).
+
+    ``load(path, map_location, weights_only)`` does the reading (default: ``torch.load``; the
+    strategy passes its checkpoint IO). Every failure is one ``ValueError`` naming the file: a
+    refused pickle (with the object it holds and the fix), an empty / truncated / non-checkpoint file."""
+    weights_only = True if weights_only is None else weights_only
+    load = load or (lambda p, m, w: torch.load(p, map_location=m or "cpu", weights_only=w))
+    try:
+        checkpoint = load(path, map_location, weights_only)
+    except pickle.UnpicklingError as err:
+        if "weights_only" not in str(err).lower() and "weights only" not in str(err).lower():
+            raise ValueError(f"cannot read checkpoint {path}: it is corrupt or not a torch checkpoint ({err}).") from None
+        found = re.search(r"(?:Unsupported global|Unsupported operand)[^\n]*", str(err))
+        raise ValueError(f"refused to load {path}: it holds pickled objects beyond tensors and plain data "
+                         f"({found.group(0) if found else str(err).splitlines()[0]}), and unpickling those could run "
+                         f"arbitrary code, so lightning-peft loads checkpoints with torch.load(weights_only=True). "
+                         f"Our strategies' and AdapterCheckpoint's checkpoints need nothing more; if you wrote this "
+                         f"file yourself and trust it, allow that class with "
+                         f"torch.serialization.add_safe_globals([...]).") from None
+    except (EOFError, RuntimeError, ValueError, OSError) as err:
+        if isinstance(err, (FileNotFoundError, IsADirectoryError, PermissionError)):
+            raise
+        detail = "the file is empty" if isinstance(err, EOFError) else str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"cannot read checkpoint {path}: it is empty, truncated or not a torch checkpoint "
+                         f"({detail}). Resume from another checkpoint (AdapterCheckpoint keeps 'last' and the best "
+                         f"ones).") from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a Lightning checkpoint (a dict).")
+    return checkpoint
 
 
 # ------------------------------------------------------------------ Lightning checkpoints (.ckpt)
@@ -307,3 +473,4 @@ def check_checkpoint_adapters(module: nn.Module, checkpoint: Mapping[str, Any]) 
     check_tensors_fit(own, checkpoint["state_dict"], "the checkpoint", what="checkpoint", extra=extra,
                       fix="Resume with the same peft_config (r, target_modules, use_dora, modules_to_save) as the run "
                           "that wrote the checkpoint; a checkpoint of a full fine-tune cannot resume a PEFT run.")
+    _refuse_nonfinite("the checkpoint", {k: v for k, v in checkpoint["state_dict"].items() if k in keys})

@@ -20,8 +20,10 @@ effective rank: the smallest ``k`` whose top-``k`` squared singular values hold 
 of their sum. ``s`` is ``alpha / r`` or ``alpha / sqrt(r)`` (rsLoRA), with ``alpha`` from
 ``alpha_pattern``.
 
-Bad input (a missing directory, a directory that is not an adapter, a base that cannot be found)
-ends with one line on stderr, ``lightning-peft <command>: error: ...``, and exit status 2.
+Bad input (a missing directory, a directory that is not an adapter, a malformed or corrupted
+adapter file, a base that cannot be found; for ``fit`` & co. a checkpoint that cannot be read or is
+refused, a config value lightning-peft rejects) ends with one line on stderr,
+``lightning-peft <command>: error: ...``, and exit status 2.
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ from torch import nn
 
 from . import __version__
 from .callbacks.rank_monitor import TOP_VALUES_SHOWN, effective_rank, factor_singular_values
-from .checkpoint import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, _read_weights, load_adapter
-from .config import QUANT_TYPES, AdapterConfig, LoraConfig, QuantConfig, config_from_dict
+from .checkpoint import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, _read_weights, load_adapter, read_adapter_config
+from .config import QUANT_TYPES, AdapterConfig, LoraConfig, QuantConfig
 from .inject import _matches, _pattern_value
 from .merge import MANIFEST_NAME, export_merged
 from .methods.lora import lora_scaling
@@ -94,8 +96,33 @@ def run_lightning(argv: list[str], from_sys_argv: bool = False) -> int:
         print(f"lightning-peft {argv[0]}: error: LightningCLI needs jsonargparse: pip install "
               f"'jsonargparse[signatures]>=4.39'", file=sys.stderr)
         return EXIT_USAGE
-    PEFTLightningCLI(args=None if from_sys_argv else argv, parser_kwargs={"prog": "lightning-peft"})
+    try:
+        PEFTLightningCLI(args=None if from_sys_argv else argv, parser_kwargs={"prog": "lightning-peft"})
+    except USER_ERRORS as err:
+        if not _about_input(err):
+            raise  # an error of the LightningModule's own code keeps its traceback
+        print(f"lightning-peft {argv[0]}: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
     return 0
+
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _about_input(err: BaseException) -> bool:
+    """Whether ``err`` describes bad input rather than a bug: a file that cannot be read (any
+    ``OSError``), or an error raised by lightning-peft itself (a refused checkpoint, a config value,
+    an adapter that does not fit). ``ValueError`` raised in a LightningModule is not."""
+    if isinstance(err, (CLIError, OSError)):
+        return True
+    tb, filename = err.__traceback__, ""
+    while tb is not None:
+        filename, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
+    return Path(filename).resolve().is_relative_to(_PACKAGE_DIR)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 # ------------------------------------------------------------------------------------- inspect
@@ -207,14 +234,8 @@ def inspect_adapter(directory: str | Path, energy: float = 0.9, name: str | None
     if not 0 < energy <= 1:
         raise CLIError(f"--energy {energy}: give the share of the spectrum's energy, in (0, 1], e.g. 0.9.")
     directory = adapter_directory(directory)
-    config_path = directory / CONFIG_NAME
-    try:
-        raw = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CLIError(f"{config_path} is not valid JSON ({err}).") from None
-    if not isinstance(raw, dict):
-        raise CLIError(f"{config_path} holds a JSON {type(raw).__name__}, not the object of an adapter config.")
-    config = config_from_dict(raw, source=str(config_path))
+    config = read_adapter_config(directory)  # one ValueError naming the file and the field if malformed
+    raw = json.loads((directory / CONFIG_NAME).read_text())
     tensors = _read_weights(directory, allow_pickle=False)
     counts: dict[str, list[int]] = {}
     modules: dict[str, list] = {}
@@ -246,6 +267,11 @@ def _spectra(directory: Path, config: LoraConfig, factors: dict[str, dict[str, t
             raise CLIError(f"{directory / WEIGHTS_NAME}: layer {path} has {next(iter(pair))} but not its partner; "
                            f"the file is incomplete.")
         A, B = pair["lora_A"], pair["lora_B"]
+        if not (A.is_floating_point() and B.is_floating_point() and A.dim() == B.dim() == 2
+                and B.shape[1] == A.shape[0]):
+            raise CLIError(f"{directory / WEIGHTS_NAME}: layer {path} has lora_A {A.dtype} {tuple(A.shape)} and "
+                           f"lora_B {B.dtype} {tuple(B.shape)}, not float factors [r, in] and [out, r]; the file "
+                           f"is corrupt.")
         r = A.shape[0]
         scaling = lora_scaling(_pattern_value(config.alpha_pattern, path, config.lora_alpha), r, config.use_rslora)
         sigma = factor_singular_values(A, B, scaling)
@@ -420,11 +446,9 @@ UNMERGEABLE = {"PROMPT_TUNING": "adds virtual tokens", "PREFIX_TUNING": "adds vi
 
 
 def _refuse_unmergeable(adapter: Path) -> None:
-    """Refuse a method that cannot be merged before the (possibly large) base is loaded."""
-    try:
-        peft_type = json.loads((adapter / CONFIG_NAME).read_text()).get("peft_type")
-    except (json.JSONDecodeError, AttributeError):
-        return  # load_adapter reports a broken config with its own message
+    """Refuse a malformed config, or a method that cannot be merged, before the (possibly large)
+    base is loaded."""
+    peft_type = read_adapter_config(adapter).peft_type
     if peft_type in UNMERGEABLE:
         raise CLIError(f"--adapter {adapter} is a {METHODS[peft_type]} adapter, which {UNMERGEABLE[peft_type]}: it "
                        f"cannot be folded into the base weights. Serve it as an adapter instead "
@@ -525,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = _one_line_warning
             COMMANDS[args.command](args)
     except USER_ERRORS as err:
-        print(f"lightning-peft {args.command}: error: {err}", file=sys.stderr)
+        print(f"lightning-peft {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
     return 0
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -60,8 +61,8 @@ def _check_pattern(pattern: dict, field_name: str, kinds: tuple[type, ...]) -> d
         raise ValueError(f"{field_name} must be a dict of {{module regex: value}}, got {type(pattern).__name__}.")
     for key, value in pattern.items():
         _check_regex(key, f"{field_name} key")
-        if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
-            raise ValueError(f"{field_name}[{key!r}]={value!r}: must be a positive number"
+        if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{field_name}[{key!r}]={value!r}: must be a positive number and finite"
                              f"{' (int)' if kinds == (int,) else ''}.")
     return dict(pattern)
 
@@ -185,8 +186,9 @@ class LoraConfig(AdapterConfig):
         modules_to_save: modules (names or suffixes) trained fully, as per-adapter copies.
         rank_pattern / alpha_pattern: ``{module regex: value}``; a key matches a module whose
             name ends with it (PEFT's rule ``(.*\\.)?(key)$``).
-        fan_in_fan_out: the base stores ``[in, out]`` (GPT-2 ``Conv1D``); set automatically for
-            ``Conv1D`` layers, only needed for ``nn.Linear`` layers stored transposed.
+        fan_in_fan_out: the base stores ``[in, out]`` (GPT-2 ``Conv1D``). It follows the layer
+            kind, as in PEFT: set for ``Conv1D`` layers, and a ``True`` on ``nn.Linear`` layers
+            (which store ``[out, in]``) is corrected to ``False`` with a warning.
         layers_to_transform: adapt only the targets in these layers (an index or a list), the
             layer index being the number after ``layers_pattern`` in the module path
             (``model.layers.3.self_attn.q_proj`` is layer 3), or the first number in the path
@@ -229,9 +231,11 @@ class LoraConfig(AdapterConfig):
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"r={self.r!r}: the rank must be a positive int (8-64 covers most tasks).")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha={self.lora_alpha!r}: must be a positive number (the recipe uses 2 * r).")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+        if (isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float))
+                or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0):
+            raise ValueError(f"lora_alpha={self.lora_alpha!r}: must be a positive number and finite (the recipe uses 2 * r).")
+        if (isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float))
+                or not 0.0 <= self.lora_dropout < 1.0):
             raise ValueError(f"lora_dropout={self.lora_dropout!r}: must be in [0, 1).")
         if self.target_modules == [] and self.target_parameters:
             self.target_modules = None  # PEFT writes [] when it adapts parameters only
@@ -245,7 +249,7 @@ class LoraConfig(AdapterConfig):
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
         if self.modules_to_save is not None:
-            self.modules_to_save = _check_names(list(self.modules_to_save), "modules_to_save")
+            self.modules_to_save = _check_names(self.modules_to_save, "modules_to_save")
         self.rank_pattern = _check_pattern(self.rank_pattern, "rank_pattern", (int,))
         self.alpha_pattern = _check_pattern(self.alpha_pattern, "alpha_pattern", (int, float))
         for flag in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias"):
@@ -335,7 +339,7 @@ class IA3Config(AdapterConfig):
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
         if self.modules_to_save is not None:
-            self.modules_to_save = _check_names(list(self.modules_to_save), "modules_to_save")
+            self.modules_to_save = _check_names(self.modules_to_save, "modules_to_save")
 
     def to_dict(self) -> dict[str, Any]:
         out = {"peft_type": self.peft_type, "task_type": None, "target_modules": self.target_modules,
@@ -551,7 +555,7 @@ CONFIG_TYPES = {cls.peft_type: cls for cls in (LoraConfig, IA3Config, BitFitConf
 def config_from_dict(data: dict[str, Any], source: str = "adapter config") -> AdapterConfig:
     """The config an ``adapter_config.json`` dict describes, by its ``peft_type`` (LoRA if absent)."""
     peft_type = data.get("peft_type", LoraConfig.peft_type)
-    if peft_type not in CONFIG_TYPES:
+    if not isinstance(peft_type, str) or peft_type not in CONFIG_TYPES:
         raise ValueError(f"{source}: peft_type={peft_type!r} is not supported by lightning-peft; it reads "
                          f"{sorted(CONFIG_TYPES)}. Train the adapter with one of those methods.")
     return CONFIG_TYPES[peft_type].from_dict(data, source)

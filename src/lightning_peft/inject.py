@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -32,6 +33,27 @@ from .modules import find_attribute, output_heads, replace_module
 from .targets import IA3_TARGETS, LORA_TARGETS, default_targets
 
 CONFIGS_ATTR = "lp_adapter_configs"
+MAX_NAME_BYTES = 255  # a file name's limit on common file systems: a named adapter is saved as a sub-folder
+
+
+def check_adapter_name(name, what: str = "adapter_name") -> str:
+    """Return ``name`` if it can name an adapter, else raise one ``ValueError`` that says why.
+
+    A name is a state-dict key part and, in multi-adapter saves, a sub-folder name, so it must be
+    a single path component: a non-empty ``str`` of at most 255 UTF-8 bytes without dots (``..``
+    included), ``/``, ``\\``, ``:`` or control characters (so never an absolute path either)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{what}={name!r}: an adapter name must be a non-empty string, e.g. 'default' or 'math'.")
+    bad = sorted({c for c in name if c in "./\\:" or ord(c) < 32 or ord(c) == 127})
+    if bad:
+        shown = ", ".join(repr(c) for c in bad)
+        raise ValueError(f"{what}={name!r} contains {shown}: an adapter name is one path component (it names "
+                         f"a sub-folder of a save and a part of state-dict keys), so it may not hold dots, slashes, "
+                         f"backslashes, colons or control characters. Use letters, digits, '-' or '_'.")
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise ValueError(f"{what}: an adapter name of {len(name.encode('utf-8'))} bytes is too long; a name is at "
+                         f"most {MAX_NAME_BYTES} bytes (UTF-8), the file-name limit of common file systems.")
+    return name
 
 
 # ---------------------------------------------------------------------------- model inspection
@@ -198,8 +220,7 @@ def _inject(model: nn.Module, config: AdapterConfig, adapter_name: str, loading:
     if type(config) not in _INJECTORS:
         raise TypeError(f"inject_adapters expects an adapter config ({', '.join(c.__name__ for c in _INJECTORS)}), "
                         f"got {type(config).__name__}.")
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"adapter_name={adapter_name!r}: use a non-empty name without dots.")
+    check_adapter_name(adapter_name)
     configs = adapter_configs(model)
     owner = adapter_owner(model)
     if owner is not None and owner is not model:
@@ -231,7 +252,7 @@ def _inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str, loadin
                   lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
                   use_dora=config.use_dora, init_lora_weights=config.init_lora_weights,
                   lora_bias=config.lora_bias),
-              make=lambda m: LoraLayer(m, fan_in_fan_out=config.fan_in_fan_out and isinstance(m, nn.Linear)))
+              make=LoraLayer)
     _wrap_parameters(model, params, lambda layer, path: layer.add_adapter(
         adapter_name, r=_pattern_value(config.rank_pattern, path, config.r),
         lora_alpha=_pattern_value(config.alpha_pattern, path, config.lora_alpha),
@@ -241,8 +262,21 @@ def _inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str, loadin
     return dataclasses.replace(config, target_modules=sorted(p for p, _ in targets) or None,
                                trainable_token_indices={p: ids for p, _, ids, _ in tokens} or None,
                                target_parameters=sorted(f"{p}.{n}" for p, _, n in params) or None,
-                               fan_in_fan_out=config.fan_in_fan_out or any(
-                                   base_kind(_unwrap(m)) == "conv1d" for _, m in targets))
+                               fan_in_fan_out=_fan_in_fan_out(config, targets, "LoraConfig"))
+
+
+def _fan_in_fan_out(config, targets, name: str) -> bool:
+    """The ``fan_in_fan_out`` the layers have: ``True`` when a target is a transformers ``Conv1D``
+    (stored ``[in, out]``). ``fan_in_fan_out=True`` asked for on ``nn.Linear`` targets (stored
+    ``[out, in]``) is corrected to ``False`` for them with a warning, as PEFT does: honouring it would
+    transpose the update (a wrong merge, or a shape error)."""
+    linear = [p for p, m in targets if base_kind(_unwrap(m)) == "linear"]
+    if config.fan_in_fan_out and linear:
+        warnings.warn(f"{name}(fan_in_fan_out=True), but {len(linear)} targets are torch.nn.Linear ({linear[0]}"
+                      f"{', ...' if len(linear) > 1 else ''}), which store [out, in]: fan_in_fan_out is set to False "
+                      f"for them (as PEFT does). It only describes transformers Conv1D layers, where it is set for "
+                      f"you.", UserWarning, stacklevel=4)
+    return any(base_kind(_unwrap(m)) == "conv1d" for _, m in targets)
 
 
 def _find_parameters(model: nn.Module, config: LoraConfig, module_targets: set[str]) -> list[tuple[str, nn.Module, str]]:
@@ -419,13 +453,11 @@ def _inject_ia3(model: nn.Module, config: IA3Config, adapter_name: str, loading:
                          f"nn.Linear and transformers Conv1D layers; narrow target_modules.")
     ff = config.feedforward_modules
     feedforward = {p for p, _ in targets if ff and _matches(ff, p)}
-    fan_in_fan_out = config.fan_in_fan_out
-    _wrap_all(model, targets, IA3Layer, "(IA)^3", lambda layer, path: layer.add_adapter(adapter_name, path in feedforward),
-              make=lambda m: IA3Layer(m, fan_in_fan_out=fan_in_fan_out and isinstance(m, nn.Linear)))
+    fan_in_fan_out = _fan_in_fan_out(config, targets, "IA3Config")
+    _wrap_all(model, targets, IA3Layer, "(IA)^3", lambda layer, path: layer.add_adapter(adapter_name, path in feedforward))
     _wrap_saved(model, saved, adapter_name)
     return dataclasses.replace(config, target_modules=sorted(p for p, _ in targets),
-                               feedforward_modules=sorted(feedforward) or None,
-                               fan_in_fan_out=fan_in_fan_out or any(base_kind(_unwrap(m)) == "conv1d" for _, m in targets))
+                               feedforward_modules=sorted(feedforward) or None, fan_in_fan_out=fan_in_fan_out)
 
 
 def _inject_bitfit(model: nn.Module, config: BitFitConfig, adapter_name: str, loading: bool) -> BitFitConfig:

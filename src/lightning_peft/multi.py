@@ -35,6 +35,7 @@ from .inject import (
     CONFIGS_ATTR,
     _pattern_value,
     _refuse_if_merged,
+    check_adapter_name,
     adapter_configs,
     adapter_modules,
     adapter_owner,
@@ -181,6 +182,7 @@ def combine_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[f
     ``max r_i``) singular directions of the weighted sum; ``"linear"`` needs equal ranks. One
     adapter alone always combines linearly (as in PEFT).
     """
+    check_adapter_name(new_name, "combine_adapters: new_name")
     configs = adapter_configs(model)
     names, weights = list(names), [float(w) for w in weights]
     unknown = [n for n in names if n not in configs]
@@ -242,6 +244,7 @@ def hot_swap_adapter(model: nn.Module, directory: str | os.PathLike, adapter_nam
     before anything changes: on a mismatch one ``ValueError`` lists the offending keys and the
     model is untouched. Returns ``model``.
     """
+    check_adapter_name(adapter_name, "hot_swap_adapter: adapter_name")
     configs = adapter_configs(model)
     if adapter_name not in configs:
         raise ValueError(f"hot_swap_adapter: no adapter named {adapter_name!r} to swap; this model has "

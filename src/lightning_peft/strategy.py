@@ -32,16 +32,18 @@ from .bigmodel import empty_init as _empty_init
 from .bigmodel import load_quantized
 from .checkpoint import (  # noqa: F401 (CHECKPOINT_KEY, rng_states, set_rng_states: also read from here)
     CHECKPOINT_KEY,
+    _refuse_nonfinite,
     adapter_state_keys,
     check_checkpoint_adapters,
     checkpoint_meta,
+    load_checkpoint_file,
     read_training_state,
     restore_rng_states,
     rng_states,
     set_rng_states,
 )
 from .config import AdapterConfig, LoraConfig, QuantConfig, config_from_dict
-from .inject import adapter_configs, adapter_modules, inject_adapters, set_adapter
+from .inject import adapter_configs, adapter_modules, check_adapter_name, delete_adapter, inject_adapters, set_adapter
 from .methods.base import DROPOUT_TYPES
 from .quantize import logical_numel, quant_config, quantize_base
 
@@ -76,7 +78,7 @@ class _PEFTSetup:
                             f"PromptTuningConfig, PrefixTuningConfig, BottleneckConfig), got {type(peft_config).__name__}.")
         self.peft_config = peft_config or LoraConfig()
         self.quant_config = _as_quant_config(quantization)
-        self.adapter_name = adapter_name
+        self.adapter_name = check_adapter_name(adapter_name)
         self.base_checkpoint = checkpoint
         self.gradient_checkpointing = gradient_checkpointing
         self.empty_init = empty_init
@@ -168,9 +170,14 @@ class _PEFTSetup:
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        """``torch.load(weights_only=True)`` unless the caller passes ``weights_only=False``
+        (``trainer.fit(..., weights_only=False)`` for a file you trust): a checkpoint whose pickle
+        would run code is refused with an error that says so."""
         if Path(checkpoint_path).is_dir():  # an AdapterCheckpoint save directory
             return read_training_state(checkpoint_path, weights_only=weights_only)
-        return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        parent = super()
+        return load_checkpoint_file(checkpoint_path, weights_only=weights_only,
+                                    load=lambda path, _, safe: parent.load_checkpoint(path, weights_only=safe))
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         module = self.lightning_module
@@ -211,7 +218,8 @@ def _refuse_meta_tensors(module: nn.Module) -> None:
 
 
 def restore_adapters(module: nn.Module, checkpoint_path, quantize: bool = True) -> nn.Module:
-    """Put the adapters of a lightning-peft ``.ckpt`` into a freshly built module, in place.
+    """Put the adapters of a lightning-peft ``.ckpt`` (or of an AdapterCheckpoint save directory)
+    into a freshly built module, in place.
 
     The documented way back from a checkpoint (it holds no base weights)::
 
@@ -220,22 +228,46 @@ def restore_adapters(module: nn.Module, checkpoint_path, quantize: bool = True) 
 
     With ``quantize`` (default) the base is quantized as it was in training, so the model computes
     what was trained; ``quantize=False`` keeps the float base. Adapter keys and shapes are checked
-    strictly, as on resume."""
-    from lightning.fabric.utilities.cloud_io import _load
+    strictly, as on resume. The file is read with ``torch.load(weights_only=True)``: one whose
+    pickle would run code is refused."""
+    if Path(checkpoint_path).is_dir():
+        checkpoint = read_training_state(checkpoint_path)
+    else:
+        from lightning.fabric.utilities.cloud_io import _load
 
-    checkpoint = _load(checkpoint_path, map_location="cpu", weights_only=False)
+        checkpoint = load_checkpoint_file(checkpoint_path, load=lambda path, _, safe: _load(
+            path, map_location="cpu", weights_only=safe))
     meta = checkpoint.get(CHECKPOINT_KEY)
     if meta is None:
         raise ValueError(f"{checkpoint_path} was not written by a lightning-peft strategy (no "
                          f"'{CHECKPOINT_KEY}' entry); load it with LightningModule.load_from_checkpoint alone.")
+    adapters = meta.get("adapters") if isinstance(meta, dict) else None
+    if not (isinstance(adapters, dict) and adapters and all(isinstance(c, dict) for c in adapters.values())
+            and isinstance(checkpoint.get("state_dict"), dict)
+            and all(isinstance(t, torch.Tensor) for t in checkpoint["state_dict"].values())):
+        raise ValueError(f"{checkpoint_path}: its '{CHECKPOINT_KEY}' entry (field 'adapters': {{name: config}}) or its "
+                         f"'state_dict' is malformed; the checkpoint is corrupt. Use another checkpoint.")
+    if not (meta.get("quantization") is None or isinstance(meta.get("quantization"), dict)):
+        raise ValueError(f"{checkpoint_path}: field 'quantization' of its '{CHECKPOINT_KEY}' entry is malformed.")
     if adapter_configs(module):
         raise RuntimeError("the module already has adapters; build a fresh one before restore_adapters.")
     target = peft_target(module)  # chosen before injecting, as at setup
-    if quantize and meta.get("quantization") and quant_config(module) is None:
-        quantize_base(target, QuantConfig.from_dict(meta["quantization"]))
-    for name, config in meta["adapters"].items():
-        inject_adapters(target, config_from_dict(config, source=str(checkpoint_path)), name)
-    check_checkpoint_adapters(module, checkpoint)
+    try:
+        configs = {check_adapter_name(name, "adapter name"): config_from_dict(config, source=str(checkpoint_path))
+                   for name, config in adapters.items()}
+        quant = QuantConfig.from_dict(meta["quantization"]) if quantize and meta.get("quantization") else None
+    except (TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"{checkpoint_path}: the adapter configs it records are invalid: {err}") from None
+    if quant is not None and quant_config(module) is None:
+        quantize_base(target, quant)
+    for name, config in configs.items():
+        inject_adapters(target, config, name)
+    try:
+        check_checkpoint_adapters(module, checkpoint)
+    except ValueError as err:
+        for name in configs:  # the module is left without adapters, as it came
+            delete_adapter(target, name)
+        raise ValueError(f"{checkpoint_path}: {err}") from None
     module.load_state_dict(checkpoint["state_dict"], strict=False)
     set_adapter(module, next(iter(meta["adapters"])))
     return module

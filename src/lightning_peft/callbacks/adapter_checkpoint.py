@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from ..checkpoint import (CHECKPOINT_KEY, TRAINING_STATE, adapter_state_keys, check_checkpoint_adapters, checkpoint_meta,
                           read_training_state, restore_rng_states, save_adapter)
 from ..fsdp import gathered_adapters
-from ..inject import adapter_configs
+from ..inject import adapter_configs, check_adapter_name
 from ..strategy import _PEFTSetup
 
 
@@ -135,6 +135,8 @@ def _write_directory(path: Path, module, checkpoint: dict[str, Any], trainer=Non
     tmp.mkdir()
     try:
         for index, name in enumerate(adapter_configs(module)):
+            # a further adapter goes into a sub-folder named after it: the name must be one path component
+            check_adapter_name(name)
             save_adapter(module, tmp if index == 0 else tmp / name, name, trainer=trainer)
         torch.save(checkpoint, tmp / TRAINING_STATE)
         if path.exists():  # "last", or a re-save of the same step: swap, then drop the old one
