@@ -32,7 +32,6 @@ from .bigmodel import empty_init as _empty_init
 from .bigmodel import load_quantized
 from .checkpoint import (  # noqa: F401 (CHECKPOINT_KEY, rng_states, set_rng_states: also read from here)
     CHECKPOINT_KEY,
-    _refuse_nonfinite,
     adapter_state_keys,
     check_checkpoint_adapters,
     checkpoint_meta,
