@@ -88,6 +88,12 @@ def test_lora_bias_trains_merges_and_refuses_what_it_cannot_do():
         torch.testing.assert_close(model(x), before)
         lp.unmerge_adapters(model)
         torch.testing.assert_close(model(x), before)
+        lp.merge_adapters(model)  # the export holds the lora_B bias too: the plain model computes the adapted one
+        merged = model(x)
+        lp.unmerge_adapters(model)
+        plain = Stack()
+        plain.load_state_dict(lp.merged_state_dict(model), strict=True)
+        torch.testing.assert_close(plain(x), merged)
     with pytest.raises(ValueError, match="lora_bias=True works on linear layers"):
         lp.inject_adapters(nn.Sequential(nn.Embedding(5, 4)), lp.LoraConfig(target_modules=["0"], lora_bias=True))
 

@@ -210,8 +210,13 @@ def merged_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict
             if name in module.scaling and name not in module.merged:
                 weight, _ = merged_weight(module, name, weight)
             state[prefix + "weight"] = weight.t() if module.transposed else weight
-            if getattr(module.base_layer, "bias", None) is not None:
-                state[prefix + "bias"] = module.base_layer.bias
+            bias = getattr(module.base_layer, "bias", None)
+            lora_b = module.lora_B[name] if name in module.lora_B else None
+            if lora_b is not None and lora_b.bias is not None and name not in module.merged:  # lora_bias
+                _refuse_lora_bias_without_base_bias([module], name)
+                bias = bias.float() + module.scaling[name] * lora_b.bias.float()
+            if bias is not None:
+                state[prefix + "bias"] = bias
             return None
         if isinstance(module, IA3Layer):
             if name in module.ia3_l and name not in module.merged:
