@@ -74,8 +74,12 @@ def test_rank_monitor_finds_the_intrinsic_rank_of_the_learned_update(tmp_path, c
     assert "r=8 would likely do" in monitor.suggestion
     printed = capsys.readouterr().out
     assert "model.0" in printed and "r=8" in printed
-    plotted = (tmp_path / "rank_spectra.png").exists()
-    assert plotted == (importlib.util.find_spec("matplotlib") is not None)  # no matplotlib: skipped quietly
+    if importlib.util.find_spec("matplotlib") is not None:  # the figure: the chapter's rank-vs-error curve
+        assert monitor.plot_file == tmp_path / "rank_spectra.png" and monitor.plot_file.stat().st_size > 10_000
+        curves = monitor.figure().axes[0]
+        (line,) = [line for line in curves.get_lines() if line.get_gid() == "model.0"]
+        errors = list(line.get_ydata())
+        assert len(errors) == 33 and errors[0] == 1.0 and errors[3] > 0.3 and errors[4] < 1e-2  # ~0 at rank 4
 
     restored = RankMonitor()
     restored.load_state_dict(monitor.state_dict())

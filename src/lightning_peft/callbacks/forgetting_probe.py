@@ -96,15 +96,18 @@ class ForgettingProbe(Callback):
         loss_fn: ``loss_fn(pl_module, batch) -> Tensor``: per-token losses (averaged over all tokens
             of the probe set) or one mean loss per batch (averaged over batches). Default:
             :func:`causal_lm_token_losses`.
+        task_metric: the logged validation metric of the task itself, recorded beside each probe
+            measurement (``task`` in ``history``) for the general-vs-task curve (:meth:`figure`).
 
     The probe runs after each validation and, when an epoch ends without one, at the epoch end;
     in eval mode, without gradients, under the precision plugin's forward context, with batches
     moved to the module's device. ``base_loss`` holds ``L_0``; ``history`` a dict per measurement
-    (``step``, ``epoch``, ``loss``, ``perplexity``, ``regression``).
+    (``step``, ``epoch``, ``loss``, ``perplexity``, ``regression``, and ``task``: the value of
+    ``task_metric`` at that validation, or None).
     """
 
     def __init__(self, dataloader: Iterable, max_regression: float = 0.05, stop: bool = False,
-                 loss_fn: LossFn | None = None) -> None:
+                 loss_fn: LossFn | None = None, task_metric: str | None = "val_loss") -> None:
         if isinstance(dataloader, (str, bytes)) or not isinstance(dataloader, Iterable):
             raise TypeError(f"ForgettingProbe(dataloader=...) needs an iterable of probe batches (a DataLoader of "
                             f"token-id tensors or dicts with 'input_ids'), not {type(dataloader).__name__}.")
@@ -119,6 +122,7 @@ class ForgettingProbe(Callback):
         self.max_regression = float(max_regression)
         self.stop = stop
         self.loss_fn = loss_fn or causal_lm_token_losses
+        self.task_metric = task_metric
         self.base_loss: float | None = None
         self.history: list[dict[str, float]] = []
         self._worst_warned = -math.inf
@@ -131,6 +135,19 @@ class ForgettingProbe(Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:  # not in trainer.validate()
             self._check(trainer, pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the epoch's validation metrics reach callback_metrics after on_validation_epoch_end
+        value = trainer.callback_metrics.get(self.task_metric) if self.task_metric else None
+        if value is not None and self.history and self.history[-1]["step"] == trainer.global_step:
+            self.history[-1]["task"] = float(value)
+
+    def figure(self):
+        """General probe loss vs the task's validation loss over training (a matplotlib figure;
+        :func:`lightning_peft.plots.save_figure` writes it)."""
+        from ..plots import forgetting_figure
+
+        return forgetting_figure(self.history, self.base_loss, self.task_metric or "task")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._last_step != trainer.global_step:  # no validation ran at this step
@@ -168,7 +185,7 @@ class ForgettingProbe(Callback):
         loss = self._probe_loss(trainer, pl_module)
         regression = (loss - self.base_loss) / self.base_loss
         record = {"step": trainer.global_step, "epoch": trainer.current_epoch, "loss": loss,
-                  "perplexity": perplexity(loss), "regression": regression}
+                  "perplexity": perplexity(loss), "regression": regression, "task": None}
         self.history.append(record)
         self._last_step = trainer.global_step
         pl_module.log_dict({"forgetting/probe_loss": loss, "forgetting/probe_perplexity": record["perplexity"],

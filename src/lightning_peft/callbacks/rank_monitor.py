@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import Callback
 from rich.console import Console
 from rich.table import Table
 
-from ..atomic import atomic_write
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from ..inject import adapter_configs, adapter_modules
 from ..methods import LoraLayer
 
@@ -64,9 +64,12 @@ class RankMonitor(Callback):
     Args:
         every_n_steps: measure after every ``every_n_steps`` optimizer steps (and once at fit end).
         energy: the share of ``sum sigma^2`` the effective rank must hold, in (0, 1].
-        plot_path: where to write a PNG of the spectra and the effective ranks over training, if
-            matplotlib is installed (nothing happens without it). Default:
-            ``<trainer.default_root_dir>/rank_spectra.png``.
+        plot_path: where to write a PNG (matplotlib, the ``plots`` extra) at fit end: for every
+            layer the relative error of the best rank-``k`` fit of its update against ``k`` (the
+            chapter's figure, :func:`lightning_peft.plots.rank_error_figure`), and the effective
+            ranks over training. Default: ``<trainer.default_root_dir>/rank_spectra.png`` when
+            matplotlib is installed (else one warning says how to get it); a path given here
+            without matplotlib is an ``ImportError`` at construction. ``plot=False``: no figure.
 
     Each measurement is logged as ``effective_rank/<layer path>``. History, kept in the
     checkpoint: ``steps`` (global steps measured), ``effective_ranks[path]`` and
@@ -75,7 +78,8 @@ class RankMonitor(Callback):
     quarter of their rank, a suggestion (also in ``suggestion``).
     """
 
-    def __init__(self, every_n_steps: int = 50, energy: float = 0.9, plot_path: str | Path | None = None) -> None:
+    def __init__(self, every_n_steps: int = 50, energy: float = 0.9, plot_path: str | Path | None = None,
+                 plot: bool = True) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"RankMonitor(every_n_steps={every_n_steps!r}): give a number of optimizer steps >= 1.")
         if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1:
@@ -84,11 +88,17 @@ class RankMonitor(Callback):
         self.every_n_steps = every_n_steps
         self.energy = float(energy)
         self.plot_path = None if plot_path is None else Path(plot_path)
+        self.plot = bool(plot)
+        if self.plot and self.plot_path is not None:
+            from ..plots import require_matplotlib
+
+            require_matplotlib(f"RankMonitor(plot_path={str(plot_path)!r})")
         self.steps: list[int] = []
         self.effective_ranks: dict[str, list[int]] = {}
         self.spectra: dict[str, list[list[float]]] = {}
         self.ranks: dict[str, int] = {}
         self.suggestion: str | None = None
+        self.plot_file: Path | None = None
 
     # ------------------------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -150,7 +160,8 @@ class RankMonitor(Callback):
         self.suggestion = self._suggest()
         if trainer.is_global_zero:
             self._print_table()
-            self._plot(self.plot_path or Path(trainer.default_root_dir) / "rank_spectra.png")
+            if self.plot:
+                self._plot(self.plot_path or Path(trainer.default_root_dir) / "rank_spectra.png")
 
     def _suggest(self) -> str | None:
         latest = {path: ranks[-1] for path, ranks in self.effective_ranks.items()}
@@ -179,24 +190,22 @@ class RankMonitor(Callback):
             table.add_row(path, str(self.ranks[path]), str(ranks[-1]), top)
         Console().print(table)
 
+    def figure(self):
+        """The figure :meth:`_plot` writes (``matplotlib.figure.Figure``): the latest spectra as
+        rank-vs-error curves, and the effective ranks over training."""
+        from ..plots import rank_error_figure
+
+        latest = {path: values[-1] for path, values in self.spectra.items()}
+        return rank_error_figure(latest, self.ranks, step=self.steps[-1] if self.steps else None,
+                                 history=(self.steps, self.effective_ranks), energy=self.energy)
+
     def _plot(self, path: Path) -> None:
+        from ..plots import MISSING_MATPLOTLIB, save_figure
+
         try:
-            from matplotlib.figure import Figure  # optional: no plot without it
+            figure = self.figure()
         except ImportError:
+            rank_zero_warn(f"RankMonitor: {path} not written: {MISSING_MATPLOTLIB}; RankMonitor(plot=False) "
+                           f"turns the figure off.")
             return
-        figure = Figure(figsize=(11, 4), layout="constrained")
-        spectra, history = figure.subplots(1, 2)
-        for layer, values in self.spectra.items():
-            sigma = torch.tensor(values[-1])
-            if sigma[0] > 0:
-                spectra.semilogy(range(1, len(sigma) + 1), (sigma / sigma[0]).tolist(), alpha=0.6, label=layer)
-            history.plot(self.steps[-len(self.effective_ranks[layer]):], self.effective_ranks[layer], alpha=0.6)
-        spectra.set(title=f"singular values of s·B·A at step {self.steps[-1]}", xlabel="index",
-                    ylabel="sigma / sigma_1")
-        history.set(title=f"effective rank ({self.energy:.0%} energy)", xlabel="step", ylabel="rank")
-        history.set_ylim(bottom=0)
-        history.yaxis.get_major_locator().set_params(integer=True)
-        if len(self.spectra) <= 10:
-            spectra.legend(fontsize="small")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
+        self.plot_file = save_figure(figure, path)
