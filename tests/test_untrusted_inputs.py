@@ -263,3 +263,22 @@ def test_cli_inspect_and_merge_answer_bad_adapters_with_one_line(tmp_path, capsy
         code, err = _cli(capsys, *argv)
         assert code == 2 and err.count("\n") == 1 and "error:" in err, (argv[0], err)
         assert not (tmp_path / "merged" / "model.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------------- the sweep
+def test_bad_input_sweep_gives_only_clear_errors(tmp_path):
+    """scripts/reliability_inputs.py on every 4th input (the script alone runs all of them): each
+    malformed directory or checkpoint ends in a clear error through every entry point, with nothing
+    silent, nothing lost and no traceback."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "reliability_inputs", Path(__file__).parents[1] / "scripts" / "reliability_inputs.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    assert len(sweep.ADAPTER_INPUTS) + len(sweep.BAD_NAMES) + len(sweep.CHECKPOINT_INPUTS) >= 80
+    rows = sweep.run_sweep(tmp_path, every=4)
+    assert {row["entry"] for row in rows} == {"load_adapter", "inspect", "merge", "ckpt_path", "restore_adapters"}
+    bad = [row for row in rows if row["outcome"] != "clear_error"]
+    assert not bad, bad

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .atomic import atomic_write
-from .config import AdapterConfig, config_from_dict
+from .config import AdapterConfig, QuantConfig, config_from_dict
 from .methods import AdapterModule
 from .inject import (_inject, adapter_configs, adapter_modules, adapter_owner, adapter_parameters, check_adapter_name,
                      delete_adapter, set_adapter)
@@ -306,7 +306,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     # Injecting as the config says also redoes PiSSA's SVD split, which turns the base weights into
     # the residual the adapter was trained against (the file holds A and B, not the residual).
     # A prefix saved from a projection MLP is loaded as the prefix itself (PEFT does the same).
-    _inject(model, config, adapter_name, loading=True)
+    try:
+        _inject(model, config, adapter_name, loading=True)
+    except ValueError as err:
+        raise ValueError(f"loading {directory}: {err}") from None
     expected = adapter_tensors(model, adapter_name)
     # base embedding weights saved with the adapter (PEFT's save_embedding_layers): loaded into the model
     base = {k: t for k, t in embedding_base_weights(model, adapter_name, saving=False).items() if k in loaded}
@@ -460,10 +463,38 @@ def adapter_state_keys(module: nn.Module) -> set[str]:
     return {key for name in adapter_configs(module) for key in adapter_parameters(module, name)}
 
 
+def check_checkpoint_structure(checkpoint: Mapping[str, Any]) -> None:
+    """One ``ValueError`` naming the field unless ``checkpoint`` has the shape our strategies write:
+    ``state_dict`` ``{key: tensor}``, and a ``lightning_peft`` entry (when present) whose adapter
+    names are names and whose recorded configs and quantization are valid."""
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, Mapping) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise ValueError("the checkpoint's field 'state_dict' is missing or not {key: tensor}: the file is not a "
+                         "Lightning checkpoint, or it is corrupt. Use another checkpoint.")
+    meta = checkpoint.get(CHECKPOINT_KEY)
+    if meta is None:
+        return
+    adapters = meta.get("adapters") if isinstance(meta, Mapping) else None
+    if not isinstance(adapters, Mapping) or not adapters or not all(isinstance(c, Mapping) for c in adapters.values()):
+        raise ValueError(f"the checkpoint's field '{CHECKPOINT_KEY}' (its 'adapters': {{name: config}}) is malformed; "
+                         f"the checkpoint is corrupt. Use another checkpoint.")
+    try:
+        for name, config in adapters.items():
+            check_adapter_name(name, f"{CHECKPOINT_KEY}.adapters name")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                config_from_dict(dict(config), source=f"{CHECKPOINT_KEY}.adapters[{name!r}]")
+        if meta.get("quantization") is not None:
+            QuantConfig.from_dict(dict(meta["quantization"]))
+    except (TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"the checkpoint records invalid adapter settings: {err}") from None
+
+
 def check_checkpoint_adapters(module: nn.Module, checkpoint: Mapping[str, Any]) -> None:
     """Raise one clear error unless ``checkpoint["state_dict"]`` holds exactly ``module``'s adapter
     tensors with their shapes (the frozen base is not expected); names both adapter configs when
     the checkpoint records its own."""
+    check_checkpoint_structure(checkpoint)
     keys = adapter_state_keys(module)  # once: it walks the whole model
     own = {k: v for k, v in module.state_dict().items() if k in keys}
     saved = checkpoint.get(CHECKPOINT_KEY, {}).get("adapters")

@@ -237,6 +237,8 @@ def inspect_adapter(directory: str | Path, energy: float = 0.9, name: str | None
     config = read_adapter_config(directory)  # one ValueError naming the file and the field if malformed
     raw = json.loads((directory / CONFIG_NAME).read_text())
     tensors = _read_weights(directory, allow_pickle=False)
+    if not tensors:
+        raise CLIError(f"{directory / WEIGHTS_NAME} holds no tensors: the file was overwritten or the adapter is empty.")
     counts: dict[str, list[int]] = {}
     modules: dict[str, list] = {}
     factors: dict[str, dict[str, torch.Tensor]] = {}
@@ -248,8 +250,13 @@ def inspect_adapter(directory: str | Path, energy: float = 0.9, name: str | None
         group = modules.setdefault(_module_group(path), [set(), 0, 0, 0])
         group[0].add(path)
         group[1], group[2], group[3] = group[1] + 1, group[2] + size[0], group[3] + size[1]
-        if kind in ("lora_A", "lora_B"):
+        if kind in ("lora_A", "lora_B", "magnitude"):
             factors.setdefault(path, {})[kind] = tensor
+    foreign = sorted(kind for kind in counts if kind in _METHOD_KINDS and kind not in _OWN_KINDS[config.peft_type])
+    if foreign:
+        raise CLIError(f"{directory / WEIGHTS_NAME} holds {', '.join(foreign)} tensors, which a "
+                       f"{METHODS.get(config.peft_type, config.peft_type)} adapter (peft_type in {CONFIG_NAME}) does "
+                       f"not have: the config and the weights belong to different adapters.")
     layers = _spectra(directory, config, factors, energy) if isinstance(config, LoraConfig) else []
     ordered = {kind: tuple(counts[kind]) for kind in KINDS if kind in counts}
     per_module = {group: (len(numbers[0]), *numbers[1:]) for group, numbers in
@@ -258,14 +265,33 @@ def inspect_adapter(directory: str | Path, energy: float = 0.9, name: str | None
                           modules=per_module)
 
 
+# kinds of tensor that only one method's files hold (each method's own, by peft_type)
+_OWN_KINDS = {"LORA": ("lora_A", "lora_B", "magnitude"), "IA3": ("ia3_l",), "BITFIT": ("bitfit_bias",),
+              "BOTTLENECK": ("adapter_down", "adapter_up"), "PROMPT_TUNING": (PROMPT_KEY,),
+              "PREFIX_TUNING": (PROMPT_KEY,)}
+_METHOD_KINDS = {kind for kinds in _OWN_KINDS.values() for kind in kinds}
+
+
 def _spectra(directory: Path, config: LoraConfig, factors: dict[str, dict[str, torch.Tensor]],
              energy: float) -> list[LayerSpectrum]:
+    """The rank spectrum of each LoRA layer, after checking the file against its config: both
+    factors present and float, ranks as ``r`` / ``rank_pattern`` say, a DoRA magnitude per layer
+    with ``use_dora``, layers among a listed ``target_modules``, a finite update."""
     layers = []
+    weights = directory / WEIGHTS_NAME
+    named = config.target_modules if isinstance(config.target_modules, list) and not getattr(
+        config, "target_parameters", None) else None
     for path in sorted(factors, key=_natural):
         pair = factors[path]
-        if len(pair) != 2:
-            raise CLIError(f"{directory / WEIGHTS_NAME}: layer {path} has {next(iter(pair))} but not its partner; "
+        if "lora_A" not in pair or "lora_B" not in pair:
+            raise CLIError(f"{weights}: layer {path} has {', '.join(sorted(pair))} but not both LoRA factors; "
                            f"the file is incomplete.")
+        if config.use_dora and "magnitude" not in pair:
+            raise CLIError(f"{weights}: layer {path} has no lora_magnitude_vector although {CONFIG_NAME} says "
+                           f"use_dora: the config and the weights belong to different adapters.")
+        if named is not None and not _matches(named, path):
+            raise CLIError(f"{weights}: layer {path} is not among the target_modules of {CONFIG_NAME} "
+                           f"({_short(named)}): the config and the weights belong to different adapters.")
         A, B = pair["lora_A"], pair["lora_B"]
         if not (A.is_floating_point() and B.is_floating_point() and A.dim() == B.dim() == 2
                 and B.shape[1] == A.shape[0]):
@@ -273,8 +299,14 @@ def _spectra(directory: Path, config: LoraConfig, factors: dict[str, dict[str, t
                            f"lora_B {B.dtype} {tuple(B.shape)}, not float factors [r, in] and [out, r]; the file "
                            f"is corrupt.")
         r = A.shape[0]
+        if r != _pattern_value(config.rank_pattern, path, config.r):
+            raise CLIError(f"{weights}: layer {path} has rank {r}, {CONFIG_NAME} says "
+                           f"{_pattern_value(config.rank_pattern, path, config.r)} (field r / rank_pattern).")
         scaling = lora_scaling(_pattern_value(config.alpha_pattern, path, config.lora_alpha), r, config.use_rslora)
         sigma = factor_singular_values(A, B, scaling)
+        if not torch.isfinite(sigma).all():
+            raise CLIError(f"{weights}: the update s * B @ A of layer {path} is not finite with s = {scaling:.3g} "
+                           f"(field lora_alpha / alpha_pattern of {CONFIG_NAME}).")
         layers.append(LayerSpectrum(path, r, scaling, sigma, effective_rank(sigma, energy)))
     return layers
 

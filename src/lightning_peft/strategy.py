@@ -34,6 +34,7 @@ from .checkpoint import (  # noqa: F401 (CHECKPOINT_KEY, rng_states, set_rng_sta
     CHECKPOINT_KEY,
     adapter_state_keys,
     check_checkpoint_adapters,
+    check_checkpoint_structure,
     checkpoint_meta,
     load_checkpoint_file,
     read_training_state,
@@ -180,7 +181,11 @@ class _PEFTSetup:
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         module = self.lightning_module
-        check_checkpoint_adapters(module, checkpoint)
+        try:
+            check_checkpoint_adapters(module, checkpoint)
+        except ValueError as err:  # name the file: the user passed it as ckpt_path
+            path = getattr(module._trainer, "ckpt_path", None) if module._trainer is not None else None
+            raise ValueError(f"{path}: {err}" if path else str(err)) from None
         module.load_state_dict(checkpoint["state_dict"], strict=False)
         # resume draws the same dropout masks as an uninterrupted run
         restore_rng_states(checkpoint.get(CHECKPOINT_KEY))
@@ -240,31 +245,23 @@ def restore_adapters(module: nn.Module, checkpoint_path, quantize: bool = True) 
     if meta is None:
         raise ValueError(f"{checkpoint_path} was not written by a lightning-peft strategy (no "
                          f"'{CHECKPOINT_KEY}' entry); load it with LightningModule.load_from_checkpoint alone.")
-    adapters = meta.get("adapters") if isinstance(meta, dict) else None
-    if not (isinstance(adapters, dict) and adapters and all(isinstance(c, dict) for c in adapters.values())
-            and isinstance(checkpoint.get("state_dict"), dict)
-            and all(isinstance(t, torch.Tensor) for t in checkpoint["state_dict"].values())):
-        raise ValueError(f"{checkpoint_path}: its '{CHECKPOINT_KEY}' entry (field 'adapters': {{name: config}}) or its "
-                         f"'state_dict' is malformed; the checkpoint is corrupt. Use another checkpoint.")
-    if not (meta.get("quantization") is None or isinstance(meta.get("quantization"), dict)):
-        raise ValueError(f"{checkpoint_path}: field 'quantization' of its '{CHECKPOINT_KEY}' entry is malformed.")
+    try:
+        check_checkpoint_structure(checkpoint)
+    except ValueError as err:
+        raise ValueError(f"{checkpoint_path}: {err}") from None
     if adapter_configs(module):
         raise RuntimeError("the module already has adapters; build a fresh one before restore_adapters.")
     target = peft_target(module)  # chosen before injecting, as at setup
-    try:
-        configs = {check_adapter_name(name, "adapter name"): config_from_dict(config, source=str(checkpoint_path))
-                   for name, config in adapters.items()}
-        quant = QuantConfig.from_dict(meta["quantization"]) if quantize and meta.get("quantization") else None
-    except (TypeError, ValueError, AttributeError) as err:
-        raise ValueError(f"{checkpoint_path}: the adapter configs it records are invalid: {err}") from None
+    configs = {name: config_from_dict(config, source=str(checkpoint_path)) for name, config in meta["adapters"].items()}
+    quant = QuantConfig.from_dict(meta["quantization"]) if quantize and meta.get("quantization") else None
     if quant is not None and quant_config(module) is None:
         quantize_base(target, quant)
-    for name, config in configs.items():
-        inject_adapters(target, config, name)
     try:
+        for name, config in configs.items():
+            inject_adapters(target, config, name)
         check_checkpoint_adapters(module, checkpoint)
     except ValueError as err:
-        for name in configs:  # the module is left without adapters, as it came
+        for name in list(adapter_configs(target)):  # the module is left without adapters, as it came
             delete_adapter(target, name)
         raise ValueError(f"{checkpoint_path}: {err}") from None
     module.load_state_dict(checkpoint["state_dict"], strict=False)
