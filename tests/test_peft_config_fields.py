@@ -327,3 +327,11 @@ def test_trainable_tokens_train_only_their_rows():
         lp.LoraConfig(trainable_token_indices={"embed_tokens": []})
     with pytest.raises(ValueError, match="has none"):
         lp.inject_adapters(Stack(), lp.LoraConfig(target_modules=["q"], trainable_token_indices=[1]))
+
+
+def test_combine_adapters_refuses_the_parts_it_cannot_add():
+    model = lp.inject_adapters(Stack(), lp.LoraConfig(target_modules=["v"], lora_dropout=0.0,
+                                                      target_parameters=["layers.0.q.weight"]), adapter_name="a")
+    lp.inject_adapters(model, lp.LoraConfig(target_modules=["v"]), adapter_name="b")
+    with pytest.raises(ValueError, match="uses target_parameters"):
+        lp.combine_adapters(model, ["a", "b"], [0.5, 0.5], new_name="mix")

@@ -202,6 +202,11 @@ def combine_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[f
             raise ValueError(f"combine_adapters: adapter {n!r} uses DoRA or modules_to_save; only the low-rank "
                              f"LoRA parts combine (a DoRA magnitude or a trained module copy has no weighted sum). "
                              f"Merge such adapters one at a time with merge_adapters instead.")
+        extras = [f for f in ("target_parameters", "trainable_token_indices", "lora_bias") if getattr(configs[n], f)]
+        if extras:
+            raise ValueError(f"combine_adapters: adapter {n!r} uses {', '.join(extras)}, which combine_adapters does not "
+                             f"handle (only the s B A of layer adapters adds up). Merge such adapters one at a time "
+                             f"with merge_adapters instead.")
     _refuse_if_merged(model, "combine adapters")
     method = "linear" if len(names) == 1 else method
     ranks = [_max_rank(configs[n]) for n in names]
