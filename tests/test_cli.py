@@ -41,10 +41,10 @@ def dirs(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------------- fit
-def test_fit_runs_the_qlora_recipe_yaml(tmp_path, capsys):
+def test_fit_runs_the_toy_recipe_yaml(tmp_path, capsys):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "120"}
     done = subprocess.run([sys.executable, "-m", "lightning_peft.cli", "fit", "--config",
-                           str(ROOT / "examples" / "configs" / "qlora.yaml"), "--trainer.max_steps=5"],
+                           str(ROOT / "examples" / "configs" / "toy.yaml"), "--trainer.max_steps=5"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "━" in done.stdout  # the RichProgressBar drew

@@ -7,6 +7,7 @@ HF PEFT format, load PEFT's, merge them into the base; QLoRA: freeze the base in
 
 from .activation_checkpointing import enable_gradient_checkpointing
 from .bigmodel import empty_init, load_quantized
+from .causal_lm import CausalLMModule
 from .checkpoint import load_adapter, save_adapter
 from .config import (BitFitConfig, BottleneckConfig, IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig,
                      QuantConfig)
@@ -28,6 +29,7 @@ __all__ = [
     "AdapterReport",
     "BitFitConfig",
     "BottleneckConfig",
+    "CausalLMModule",
     "IA3Config",
     "LoraConfig",
     "MemoryEstimate",

@@ -6,7 +6,8 @@ r"""``lightning-peft``: train from a config, look inside an adapter, export a me
     lightning-peft demo [--fast] [--out DIR]
 
 ``fit`` (and ``validate``/``test``/``predict``) is Lightning's own ``LightningCLI`` (jsonargparse):
-any LightningModule by import path (``--model=pkg.Class`` or ``model.class_path``), any Trainer
+any LightningModule by import path (``--model=pkg.Class`` or ``model.class_path``; default
+``lightning_peft.CausalLMModule``, and ``lightning_peft.data.ChatDataModule`` for ``data``), any Trainer
 argument (``--trainer.strategy=qlora``: the names are registered on ``import lightning_peft``,
 which runs before parsing), callbacks as ``trainer.callbacks`` entries. A ``RichProgressBar`` is
 added unless the config chose a progress bar or ``enable_progress_bar: false``.
@@ -72,10 +73,20 @@ USER_ERRORS = (CLIError, OSError, ValueError, ImportError)
 
 
 # ------------------------------------------------------------------------------------ fit & co.
+# the classes of `model` / `data` when a config or the command line names none (`class_path`)
+DEFAULT_MODEL = "lightning_peft.CausalLMModule"
+DEFAULT_DATA = "lightning_peft.data.ChatDataModule"
+
+
 class PEFTLightningCLI(LightningCLI):
     """``LightningCLI`` with a ``RichProgressBar`` unless the config picked a progress bar or
     turned it off (a second progress bar, or one with ``enable_progress_bar=False``, is an error
-    in Lightning, so the default cannot simply be appended)."""
+    in Lightning, so the default cannot simply be appended). ``model`` and ``data`` default to
+    :class:`~lightning_peft.CausalLMModule` and :class:`~lightning_peft.data.ChatDataModule`:
+    ``--model.base DIR --data.train FILE.jsonl`` is a whole fine-tune."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}, "data": {"class_path": DEFAULT_DATA}})
 
     def instantiate_trainer(self, **kwargs: Any):
         config = self._get(self.config_init, "trainer", default={})

@@ -1,6 +1,6 @@
 """A tiny causal LM and synthetic data for the example configs: the recipe end to end in seconds.
 
-``lightning-peft fit --config examples/configs/qlora.yaml`` names these two classes by import path
+``lightning-peft fit --config examples/configs/toy.yaml`` names these two classes by import path
 (``model.class_path``, ``data.class_path``); they live in the package so that the path resolves
 from any working directory. Replace them with your own LightningModule and data: the strategy,
 the callbacks and ``recipe_optimizer`` do not depend on them.

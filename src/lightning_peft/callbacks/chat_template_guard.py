@@ -7,7 +7,10 @@ transformers convention: a copy of ``input_ids`` (the model shifts it by one its
 no loss is taken.
 
 What it learns from the tokenizer's own template, by rendering a probe conversation
-(``apply_chat_template``, then tokenizing with ``add_special_tokens=False``)::
+(``apply_chat_template``, then tokenizing with ``add_special_tokens=False``) whose contents are
+sentinels: words taken from the tokenizer's own vocabulary (never ``<unk>``, whatever language or
+vocabulary the tokenizer has), distinct for each role, so that everything else in the render is the
+template's::
 
     render([user])                              = prefix + user turn
     render([user], add_generation_prompt=True)  = prefix + user turn + header       ("<|im_start|>assistant\\n")
@@ -45,9 +48,6 @@ from jinja2 import TemplateError
 from lightning.pytorch.callbacks import Callback
 
 IGNORE_INDEX = -100
-_PROBE_SYSTEM = {"role": "system", "content": "Be brief."}
-_PROBE_USER = {"role": "user", "content": "Hello, how are you?"}
-_PROBE_REPLY = {"role": "assistant", "content": "Fine, thank you."}
 _SHOW = 600  # characters of a decoded sample quoted in an error
 
 
@@ -67,6 +67,10 @@ class ChatTemplate:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"ChatTemplateGuard: {type(tokenizer).__name__} has no chat_template; give the "
                              f"tokenizer of the chat model you fine-tune (or set tokenizer.chat_template).")
+        words = _sentinels(tokenizer, 3)
+        _PROBE_SYSTEM = {"role": "system", "content": words[2]}
+        _PROBE_USER = {"role": "user", "content": words[0]}
+        _PROBE_REPLY = {"role": "assistant", "content": words[1]}
 
         def render(messages, generation=False):
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
@@ -104,12 +108,37 @@ class ChatTemplate:
                    specials=frozenset(special & set(two + system)), example=example)
 
 
+def _sentinels(tokenizer, k: int) -> list[str]:
+    """``k`` distinct words of the tokenizer's own vocabulary (the last ids first: rare words, not
+    template pieces) that tokenize to ordinary tokens: no special token, no ``<unk>``."""
+    special = set(tokenizer.all_special_ids)
+    found: list[str] = []
+    vocab = tokenizer.get_vocab()
+    for token_id in sorted(vocab.values(), reverse=True):
+        if token_id in special:
+            continue
+        word = tokenizer.decode([token_id]).strip()
+        if not word.isalnum() or word in found:
+            continue
+        ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if ids and not special & set(ids):
+            found.append(word)
+            if len(found) == k:
+                return found
+    raise ValueError(f"ChatTemplateGuard: cannot find {k} words in the tokenizer's vocabulary that tokenize without "
+                     f"special or unknown tokens, so there is nothing to render a probe conversation with (the "
+                     f"vocabulary holds {len(vocab)} tokens, {len(special)} of them special).")
+
+
 class ChatTemplateGuard(Callback):
     """Check the first ``check_batches`` training batches of each fit against ``tokenizer``'s chat
     template and the loss mask; raise ``ValueError`` with the offending sample decoded and the fix.
 
     Args:
-        tokenizer: the transformers tokenizer of the model being fine-tuned, with a ``chat_template``.
+        tokenizer: the transformers tokenizer of the model being fine-tuned, with a ``chat_template``,
+            or the directory it was saved to (``save_pretrained``; what a YAML config can give).
+            None: the LightningModule's ``tokenizer`` attribute at the start of the fit
+            (:class:`~lightning_peft.CausalLMModule` has one).
         check_batches: how many batches to check at the start of each fit (the checks take
             milliseconds, but they are a start-of-run sanity check, not a per-step one).
 
@@ -117,18 +146,34 @@ class ChatTemplateGuard(Callback):
     :meth:`check_batch` runs the same checks without a Trainer.
     """
 
-    def __init__(self, tokenizer, check_batches: int = 2) -> None:
+    def __init__(self, tokenizer=None, check_batches: int = 2) -> None:
         if isinstance(check_batches, bool) or not isinstance(check_batches, int) or check_batches < 1:
             raise ValueError(f"ChatTemplateGuard(check_batches={check_batches!r}): give the number of training "
                              f"batches to check, an int >= 1.")
-        self.tokenizer = tokenizer
         self.check_batches = check_batches
-        self.template = ChatTemplate.learn(tokenizer)
-        self._special_ids = frozenset(tokenizer.all_special_ids)
+        self.tokenizer = self.template = None
+        if tokenizer is not None:
+            self._learn(tokenizer)
         self._checked = 0
+
+    def _learn(self, tokenizer) -> None:
+        from ..data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer, "ChatTemplateGuard")
+        self.template = ChatTemplate.learn(tokenizer)
+        self.tokenizer = tokenizer
+        self._special_ids = frozenset(tokenizer.all_special_ids)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._checked = 0
+        if self.tokenizer is None:
+            tokenizer = getattr(pl_module, "tokenizer", None)
+            if tokenizer is None:
+                raise ValueError(f"ChatTemplateGuard: no tokenizer. Give ChatTemplateGuard(tokenizer=...) (an object, "
+                                 f"or the directory it was saved to), or train a LightningModule with a .tokenizer "
+                                 f"attribute ({type(pl_module).__name__} has none; lightning_peft.CausalLMModule "
+                                 f"loads the one saved with the model).")
+            self._learn(tokenizer)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -137,6 +182,8 @@ class ChatTemplateGuard(Callback):
 
     def check_batch(self, batch: Any, batch_idx: int = 0) -> None:
         """Raise ``ValueError`` if a sample of ``batch`` fails a check."""
+        if self.tokenizer is None:
+            raise ValueError("ChatTemplateGuard.check_batch needs the tokenizer: ChatTemplateGuard(tokenizer=...).")
         if message := self._message(batch, batch_idx):
             raise ValueError(message)
 

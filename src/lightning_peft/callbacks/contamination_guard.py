@@ -17,9 +17,13 @@ compared, not boilerplate:
 - with a ``tokenizer``, token-id examples are split at its special tokens (``<|im_start|>``,
   ``<|eot_id|>``, ...): no n-gram spans a template marker;
 - an n-gram held by more than ``boilerplate`` (default 5%) of all the examples (training and
-  evaluation together, and at least 3 of them) is ignored: role headers, a shared system prompt,
-  a fixed instruction. A leak copied into that many examples is missed: lower ``boilerplate``
-  (``boilerplate=1`` turns the filter off). ``report.ignored_ngrams`` counts what was ignored.
+  evaluation together, and at least 3 of them) is boilerplate: role headers, a shared system
+  prompt, a fixed instruction. The tokens such n-grams cover are cut out, like special tokens, so
+  that no n-gram straddles the template and the start of a message either. What is left are runs
+  of content; a run shorter than ``ngram`` (a short message) is compared whole: it matches the
+  same whole run elsewhere (unless that run is itself boilerplate, e.g. "Sure!" everywhere).
+  A leak copied into that many examples is missed: lower ``boilerplate`` (``boilerplate=1`` turns
+  the filter off). ``report.ignored_ngrams`` counts the distinct n-grams and runs ignored.
 
 Every n-gram is hashed to 64 bits, vectorised over all windows at once (numpy, wrapping uint64):
 
@@ -319,48 +323,75 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def _ngram_hashes(seqs: list[np.ndarray], n: int, special: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The 64-bit hash of every n-gram inside an example (and without a ``special`` token), and the
-    index of that example."""
-    lengths = np.fromiter(map(len, seqs), np.int64, len(seqs))
-    total = int(lengths.sum())
-    if total < n:
-        return np.zeros(0, np.uint64), np.zeros(0, np.int64)
-    x = _mix(np.concatenate(seqs).view(np.uint64))
-    windows = total - n + 1
-    h = x[:windows].copy()
-    for k in range(1, n):  # Horner: h = (...(x_i P + x_{i+1}) P + ...) + x_{i+n-1}
-        h *= _BASE
-        h += x[k:k + windows]
-    owner = np.repeat(np.arange(len(seqs)), lengths)[:windows]
-    inside = np.arange(windows) + n <= np.cumsum(lengths)[owner]  # the window ends within its example
-    special = np.asarray([_BREAK] if special is None else [_BREAK, *special], dtype=np.int64)
-    marks = np.concatenate([[0], np.cumsum(np.isin(np.concatenate(seqs), special))])
-    inside &= marks[n:n + windows] == marks[:windows]  # no special token (or message break) in the window
-    return h[inside], owner[inside]
+class _Windows:
+    """The n-gram windows of one dataset: every example's tokens concatenated, one 64-bit hash per
+    window start; ``cut`` marks the positions no n-gram may hold (special tokens, message breaks)."""
 
+    def __init__(self, seqs: list[np.ndarray], n: int, special: np.ndarray | None) -> None:
+        self.n = n
+        lengths = np.fromiter(map(len, seqs), np.int64, len(seqs))
+        self.total = int(lengths.sum())
+        self.x = np.concatenate(seqs) if seqs else np.zeros(0, np.int64)
+        self.owner_at = np.repeat(np.arange(len(seqs)), lengths)
+        self.ends = np.cumsum(lengths)
+        cuts = np.asarray([_BREAK] if special is None else [_BREAK, *special], dtype=np.int64)
+        self.cut = np.isin(self.x, cuts)
+        self.windows = max(0, self.total - n + 1)
+        if self.windows:
+            mixed = _mix(self.x.view(np.uint64))
+            h = mixed[:self.windows].copy()
+            for k in range(1, n):  # Horner: h = (...(x_i P + x_{i+1}) P + ...) + x_{i+n-1}
+                h *= _BASE
+                h += mixed[k:k + self.windows]
+            self.h = h
+            owner = self.owner_at[:self.windows]
+            self.inside = np.arange(self.windows) + n <= self.ends[owner]  # the window ends within its example
+        else:
+            self.h, self.inside = np.zeros(0, np.uint64), np.zeros(0, bool)
 
-def _with_short_segments(h: np.ndarray, owner: np.ndarray, seqs: list[np.ndarray], n: int,
-                         special: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Add one hash per segment shorter than ``n`` (a short message between breaks or special
-    tokens): such a segment matches only the same whole segment. Examples without any break are
-    left to the whole-example comparison."""
-    cuts = np.asarray([_BREAK] if special is None else [_BREAK, *special], dtype=np.int64)
-    extra_h, extra_owner = [], []
-    for i, seq in enumerate(seqs):
-        at = np.flatnonzero(np.isin(seq, cuts))
-        if not len(at):
-            continue
-        for segment in np.split(seq, at):
-            segment = segment[1:] if len(segment) and segment[0] in cuts else segment
-            if 0 < len(segment) < n:
+    def _free(self, blocked: np.ndarray) -> np.ndarray:
+        """Windows inside an example that hold no ``blocked`` position."""
+        marks = np.concatenate([[0], np.cumsum(blocked)])
+        return self.inside & (marks[self.n:self.n + self.windows] == marks[:self.windows])
+
+    def hashes(self, common: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(hashes, owners)``: the n-grams free of cut positions, and of the positions that a
+        ``common`` (boilerplate) n-gram covers; plus one hash per run of free positions shorter than
+        ``n`` between such blocked positions (a short message: it matches only the same whole run)."""
+        blocked = self.cut
+        if common is not None and len(common) and self.windows:
+            hit = self._free(self.cut) & np.isin(self.h, common)
+            starts = np.concatenate([[0], np.cumsum(hit)])  # covered: some hit window starts in [p - n + 1, p]
+            p = np.arange(self.total)
+            covered = starts[np.minimum(p + 1, self.windows)] - starts[np.clip(p - self.n + 1, 0, self.windows)] > 0
+            blocked = blocked | covered
+        free = self._free(blocked) if self.windows else self.inside
+        h, owner = self.h[free], self.owner_at[:self.windows][free]
+        short_h, short_owner = self._short_runs(blocked)
+        return np.concatenate([h, short_h]), np.concatenate([owner, short_owner])
+
+    def _short_runs(self, blocked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if not blocked.any():  # no template, no breaks: examples are compared whole by _short_matches
+            return np.zeros(0, np.uint64), np.zeros(0, np.int64)
+        # runs of free positions, broken at blocked positions and at example starts
+        first = np.concatenate([[0], self.ends[:-1]]).astype(np.int64)
+        starts = np.zeros(self.total, bool)
+        starts[first[first < self.total]] = True
+        values, owners = [], []
+        free = np.flatnonzero(~blocked)
+        if not len(free):
+            return np.zeros(0, np.uint64), np.zeros(0, np.int64)
+        new_run = np.ones(len(free), bool)
+        new_run[1:] = (np.diff(free) > 1) | starts[free[1:]]
+        run_starts = np.flatnonzero(new_run)
+        run_ends = np.concatenate([run_starts[1:], [len(free)]])
+        for a, b in zip(run_starts.tolist(), run_ends.tolist()):
+            if b - a < self.n:
+                segment = self.x[free[a]:free[b - 1] + 1]
                 digest = hashlib.blake2b(segment.tobytes(), digest_size=8, person=b"short").digest()
-                extra_h.append(np.frombuffer(digest, np.uint64)[0])
-                extra_owner.append(i)
-    if not extra_h:
-        return h, owner
-    return (np.concatenate([h, np.asarray(extra_h, np.uint64)]),
-            np.concatenate([owner, np.asarray(extra_owner, np.int64)]))
+                values.append(np.frombuffer(digest, np.uint64)[0])
+                owners.append(self.owner_at[free[a]])
+        return np.asarray(values, np.uint64), np.asarray(owners, np.int64)
 
 
 def _document_frequency(h: np.ndarray, owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -372,12 +403,13 @@ def _document_frequency(h: np.ndarray, owner: np.ndarray) -> tuple[np.ndarray, n
     return np.unique(hs[first], return_counts=True)
 
 
-def _boilerplate(train_hash, train_owner, eval_hash, eval_owner, share: float, examples: int) -> np.ndarray:
-    """The n-gram hashes held by more than ``share`` of all ``examples`` (and by at least 3)."""
-    if share >= 1:
+def _boilerplate(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], share: float,
+                 examples: int) -> np.ndarray:
+    """The hashes held by more than ``share`` of all ``examples`` (and by at least 3)."""
+    if share >= 1 or not (len(a[0]) or len(b[0])):
         return np.zeros(0, np.uint64)
-    (a, ca), (b, cb) = _document_frequency(train_hash, train_owner), _document_frequency(eval_hash, eval_owner)
-    hashes, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
+    (ha, ca), (hb, cb) = _document_frequency(*a), _document_frequency(*b)
+    hashes, inverse = np.unique(np.concatenate([ha, hb]), return_inverse=True)
     counts = np.bincount(inverse, weights=np.concatenate([ca, cb]), minlength=len(hashes))
     return hashes[(counts > share * examples) & (counts >= 3)]
 
@@ -388,16 +420,17 @@ def _find(train: list[np.ndarray], eval: list[np.ndarray], n: int, boilerplate: 
     matched_short = {train[i].tobytes() for i in matches}
     eval_hit = {j for j, s in enumerate(eval) if 0 < len(s) < n and s.tobytes() in matched_short}
 
-    train_hash, train_owner = _with_short_segments(*_ngram_hashes(train, n, special), train, n, special)
-    eval_hash, eval_owner = _with_short_segments(*_ngram_hashes(eval, n, special), eval, n, special)
-    ignored = 0
-    if len(train_hash) and len(eval_hash):
-        common = _boilerplate(train_hash, train_owner, eval_hash, eval_owner, boilerplate, len(train) + len(eval))
-        if ignored := len(common):
-            keep = ~np.isin(train_hash, common)
-            train_hash, train_owner = train_hash[keep], train_owner[keep]
-            keep = ~np.isin(eval_hash, common)
-            eval_hash, eval_owner = eval_hash[keep], eval_owner[keep]
+    sides = _Windows(train, n, special), _Windows(eval, n, special)
+    examples = len(train) + len(eval)
+    common = _boilerplate(*(side.hashes() for side in sides), boilerplate, examples)
+    (train_hash, train_owner), (eval_hash, eval_owner) = (side.hashes(common) for side in sides)
+    common_runs = _boilerplate((train_hash, train_owner), (eval_hash, eval_owner), boilerplate, examples)
+    ignored = len(common) + len(common_runs)
+    if len(common_runs):  # whole short runs shared by many examples (a role name, "Sure!")
+        keep = ~np.isin(train_hash, common_runs)
+        train_hash, train_owner = train_hash[keep], train_owner[keep]
+        keep = ~np.isin(eval_hash, common_runs)
+        eval_hash, eval_owner = eval_hash[keep], eval_owner[keep]
     if len(train_hash) and len(eval_hash):
         # first occurrence = lowest evaluation index holding that n-gram (owners ascend with position)
         unique, first = np.unique(eval_hash, return_index=True)
@@ -464,11 +497,12 @@ def _tokens(item: Any, tokenizer) -> list:
 
 
 def _shared(a: list, b: list, n: int) -> list:
-    """The first n-gram of ``a`` that ``b`` holds too (the whole of ``a`` when it is shorter than ``n``)."""
+    """The last n-gram of ``a`` that ``b`` holds too (the whole of ``a`` when it is shorter than ``n``):
+    the last, because shared boilerplate (a system prompt) comes first."""
     if len(a) < n:
         return a
     grams = {tuple(b[k:k + n]) for k in range(len(b) - n + 1)}
-    return next((list(a[k:k + n]) for k in range(len(a) - n + 1) if tuple(a[k:k + n]) in grams), [])
+    return next((list(a[k:k + n]) for k in reversed(range(len(a) - n + 1)) if tuple(a[k:k + n]) in grams), [])
 
 
 def _show(tokens: Sequence, tokenizer, limit: int = 160) -> str:

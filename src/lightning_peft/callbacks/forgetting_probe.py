@@ -17,6 +17,8 @@ through ``pl_module.log`` (so a logger, a progress bar or ``EarlyStopping`` can 
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable
@@ -98,6 +100,11 @@ class ForgettingProbe(Callback):
             :func:`causal_lm_token_losses`.
         task_metric: the logged validation metric of the task itself, recorded beside each probe
             measurement (``task`` in ``history``) for the general-vs-task curve (:meth:`figure`).
+        tokenizer / batch_size / max_length: for a ``dataloader`` given as the path of a JSONL file
+            (what a YAML config can give): its records (``{"text": ...}`` scores every token,
+            ``{"messages": [...]}`` the assistant replies) are tokenized with ``tokenizer`` (an
+            object or a saved directory; default the LightningModule's ``tokenizer``), cut at
+            ``max_length`` tokens (chat: longer ones dropped) and batched by ``batch_size``.
 
     The probe runs after each validation and, when an epoch ends without one, at the epoch end;
     in eval mode, without gradients, under the precision plugin's forward context, with batches
@@ -106,9 +113,15 @@ class ForgettingProbe(Callback):
     ``task_metric`` at that validation, or None).
     """
 
-    def __init__(self, dataloader: Iterable, max_regression: float = 0.05, stop: bool = False,
-                 loss_fn: LossFn | None = None, task_metric: str | None = "val_loss") -> None:
-        if isinstance(dataloader, (str, bytes)) or not isinstance(dataloader, Iterable):
+    def __init__(self, dataloader: Iterable | str | os.PathLike, max_regression: float = 0.05, stop: bool = False,
+                 loss_fn: LossFn | None = None, task_metric: str | None = "val_loss", tokenizer: Any = None,
+                 batch_size: int = 8, max_length: int = 1024) -> None:
+        self.tokenizer, self.batch_size, self.max_length = tokenizer, batch_size, max_length
+        if isinstance(dataloader, (str, os.PathLike)):  # a JSONL file (YAML configs): built at fit start
+            if not Path(dataloader).is_file():
+                raise ValueError(f"ForgettingProbe(dataloader={str(dataloader)!r}): no such file. Give a JSONL file "
+                                 f"of probe records ({{'text': ...}}, or chat {{'messages': [...]}}), or a DataLoader.")
+        elif isinstance(dataloader, bytes) or not isinstance(dataloader, Iterable):
             raise TypeError(f"ForgettingProbe(dataloader=...) needs an iterable of probe batches (a DataLoader of "
                             f"token-id tensors or dicts with 'input_ids'), not {type(dataloader).__name__}.")
         if isinstance(max_regression, bool) or not isinstance(max_regression, (int, float)) or not max_regression >= 0:
@@ -130,7 +143,26 @@ class ForgettingProbe(Callback):
 
     # ------------------------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if isinstance(self.dataloader, (str, os.PathLike)):
+            self.dataloader = self._load(self.dataloader, pl_module)
         self._score_base(trainer, pl_module)
+
+    def _load(self, path: str | os.PathLike, pl_module: pl.LightningModule):
+        from torch.utils.data import DataLoader
+
+        from ..data import ChatCollator, load_tokenizer, read_records, tokenize_example
+        tokenizer = self.tokenizer if self.tokenizer is not None else getattr(pl_module, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError(f"ForgettingProbe: the probe set {path} is a file of records and no tokenizer was given; "
+                             f"pass tokenizer=... (an object or a saved directory), or train a LightningModule with "
+                             f".tokenizer (lightning_peft.CausalLMModule).")
+        tokenizer = load_tokenizer(tokenizer, "ForgettingProbe")
+        examples = [e for r in read_records(path, "probe set")
+                    if (e := tokenize_example(r, tokenizer, self.max_length)) is not None]
+        if not examples:
+            raise ValueError(f"ForgettingProbe: no probe example of {path} fits in max_length={self.max_length}.")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return DataLoader(examples, batch_size=self.batch_size, collate_fn=ChatCollator(pad or 0))
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:  # not in trainer.validate()

@@ -35,7 +35,8 @@ class ReviewSamples(Callback):
             epochs and, when such an epoch ends without a validation, at its end.
         max_new_tokens: the length of each generation (``model.generate(..., do_sample=False)``).
         tokenizer: anything with ``encode(text) -> list[int]`` and ``decode(ids, skip_special_tokens=True)``
-            (a transformers tokenizer). Needed for string prompts; without it the file shows token ids.
+            (a transformers tokenizer), or the directory one was saved to. Needed for string prompts;
+            without it the file shows token ids.
         dirpath: where the files go. Default: the checkpoint callback's ``dirpath``, else
             ``trainer.default_root_dir``.
 
@@ -51,6 +52,9 @@ class ReviewSamples(Callback):
             raise ValueError("ReviewSamples(prompts=...) needs a non-empty list of prompts (strings, or lists of "
                              "token ids).")
         self.prompts = [p if isinstance(p, str) else _token_ids(p) for p in prompts]
+        if tokenizer is not None:
+            from ..data.tokenizer import load_tokenizer
+            tokenizer = load_tokenizer(tokenizer, "ReviewSamples")  # a saved directory (YAML configs) or an object
         if tokenizer is None and any(isinstance(p, str) for p in self.prompts):
             raise ValueError("ReviewSamples: string prompts need a tokenizer (tokenizer=AutoTokenizer."
                              "from_pretrained(...)); or give the prompts as lists of token ids.")
