@@ -88,6 +88,16 @@ class PEFTLightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}, "data": {"class_path": DEFAULT_DATA}})
 
+    def before_instantiate_classes(self) -> None:
+        """The default ``data`` is left out when nothing was said about it (no ``--data.train``) and
+        the model is not the default one: a LightningModule with its own dataloaders runs as before."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        data, model = config.get("data"), config.get("model")
+        if (data is not None and data.get("class_path") == DEFAULT_DATA
+                and (data.get("init_args") or {}).get("train") is None and model is not None
+                and model.get("class_path") != DEFAULT_MODEL):
+            config["data"] = None
+
     def instantiate_trainer(self, **kwargs: Any):
         config = self._get(self.config_init, "trainer", default={})
         callbacks = config.get("callbacks") or []

@@ -133,7 +133,7 @@ class ChatDataModule(L.LightningDataModule):
             directory, and the file name (0: none).
     """
 
-    def __init__(self, train: Records, val: Records | None = None, tokenizer: Any = None,
+    def __init__(self, train: Records | None = None, val: Records | None = None, tokenizer: Any = None,
                  eval_sets: Records | Mapping[str, Records] | None = None, val_fraction: float = 0.05, seed: int = 0,
                  max_length: int = 2048, overflow: str = "drop", batch_size: int = 8, num_workers: int = 0,
                  packing: bool = False, group_by_length: bool = False, deduplicate: bool = True,
@@ -179,6 +179,9 @@ class ChatDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:
             return
+        if self.train_source is None:
+            raise ValueError("ChatDataModule: no training data. Give train=... (a JSONL file, a list of files, or a "
+                             "list of records; on the command line --data.train FILE.jsonl).")
         tokenizer = self.tokenizer
         stats: dict[str, int] = {}
         train = read_records(self.train_source, "train")
