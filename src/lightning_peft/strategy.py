@@ -72,7 +72,10 @@ class _PEFTSetup:
     def __init__(self, *args: Any, peft_config: AdapterConfig | None = None,
                  quantization: None | str | QuantConfig = None, adapter_name: str = "default",
                  checkpoint: str | os.PathLike | None = None, gradient_checkpointing: bool = False,
-                 empty_init: bool = True, **kwargs: Any) -> None:
+                 empty_init: bool = True, compile: bool | dict = False, **kwargs: Any) -> None:
+        if not isinstance(compile, (bool, dict)):
+            raise TypeError(f"compile={compile!r}: use True (torch.compile's defaults), False, or a dict of "
+                            f"torch.compile keyword arguments, e.g. {{'backend': 'inductor', 'mode': 'max-autotune'}}.")
         if peft_config is not None and not isinstance(peft_config, AdapterConfig):
             raise TypeError(f"peft_config must be a lightning_peft adapter config (LoraConfig, IA3Config, BitFitConfig, "
                             f"PromptTuningConfig, PrefixTuningConfig, BottleneckConfig), got {type(peft_config).__name__}.")
@@ -82,6 +85,7 @@ class _PEFTSetup:
         self.base_checkpoint = checkpoint
         self.gradient_checkpointing = gradient_checkpointing
         self.empty_init = empty_init
+        self.compile = compile
         super().__init__(*args, **kwargs)
 
     # ------------------------------------------------------------------------------ set-up
@@ -104,7 +108,17 @@ class _PEFTSetup:
 
     def setup(self, trainer) -> None:
         self._prepare_module(self.lightning_module)
+        self._compile(self.lightning_module)
         super().setup(trainer)
+
+    def _compile(self, module: nn.Module) -> None:
+        """``compile=``: ``torch.compile`` the adapted model (the :func:`peft_target`) in place
+        (``nn.Module.compile``: the module, its parameter names and checkpoints stay as they are).
+        Once: setup runs again for validate/test/predict."""
+        target = peft_target(module)
+        if self.compile is False or getattr(target, "_compiled_call_impl", None) is not None:
+            return
+        target.compile(**({} if self.compile is True else self.compile))
 
     def _prepare_module(self, module: nn.Module) -> None:
         if adapter_configs(module):  # setup runs again for validate/test/predict after fit

@@ -1,0 +1,184 @@
+"""torch.compile over adapted models: LoRA, DoRA and (IA)3 trace as one graph (fullgraph=True) in
+training and in inference; recompilations are counted (a new shape, a hot swap, set_adapter);
+compiled training matches eager; PEFTStrategy(compile=...) compiles the adapted model in place.
+
+Graph capture is checked with the "eager" backend (Dynamo only: fast); "aot_eager" where autograd
+has to be traced too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo as dynamo
+from torch import nn
+from torch._dynamo.utils import counters
+
+import lightning_peft as lp
+from conftest import rel_err, tiny_llama
+
+
+class Mlp(nn.Module):
+    """A model that is not a transformers model: q/k-style siblings sharing an input, an MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj = nn.Linear(32, 32), nn.Linear(32, 32)
+        self.up_proj, self.down_proj = nn.Linear(32, 64), nn.Linear(64, 32)
+
+    def forward(self, x):
+        h = self.q_proj(x) * torch.sigmoid(self.k_proj(x))
+        return self.down_proj(torch.relu(self.up_proj(h)))
+
+
+CONFIGS = {
+    "lora": lambda: lp.LoraConfig(r=4, lora_dropout=0.1, target_modules="all-linear", init_lora_weights=False),
+    "dora": lambda: lp.LoraConfig(r=4, lora_dropout=0.1, use_dora=True, target_modules="all-linear",
+                                  init_lora_weights=False),
+    "ia3": lambda: lp.IA3Config(target_modules=["q_proj", "k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+}
+
+
+def _graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    dynamo.reset()
+    counters.clear()
+    yield
+    dynamo.reset()
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_one_graph_in_training_and_inference(method):
+    torch.manual_seed(0)
+    model = lp.inject_adapters(Mlp(), CONFIGS[method]())
+    compiled = torch.compile(model, backend="eager", fullgraph=True)  # raises on any graph break
+    x = torch.randn(4, 8, 32)
+    model.train()
+    compiled(x).square().mean().backward()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
+    compiled(x)  # same shape, same mode: no new graph
+    assert _graphs() == 1 and not counters["graph_break"]
+    model.eval()
+    with torch.no_grad():
+        out = compiled(x)
+        compiled(x)
+    assert _graphs() == 2 and not counters["graph_break"]  # eval + no_grad: one more graph, once
+    with torch.no_grad():
+        assert rel_err(out, model(x)) <= 1e-6  # the compiled function is the eager one
+
+
+def test_compiled_training_matches_eager_on_llama():
+    """aot_eager traces the backward too: loss and adapter gradients equal eager's (dropout off,
+    since compiled masks come from a different generator call), and a dropout step runs."""
+    model = lp.inject_adapters(tiny_llama(layers=1), lp.LoraConfig(r=4, lora_dropout=0.0, target_modules="all-linear",
+                                                                    init_lora_weights=False)).train()
+    ids = torch.randint(0, 128, (2, 16))
+
+    def step(fn):
+        for p in model.parameters():
+            p.grad = None
+        loss = fn(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    eager_loss, eager_grads = step(model)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    loss, grads = step(compiled)
+    assert rel_err(loss, eager_loss) <= 1e-5
+    assert all(rel_err(grads[n], g) <= 1e-4 for n, g in eager_grads.items())
+    assert _graphs() == 1 and not counters["graph_break"]
+
+
+def test_recompiles_only_for_a_new_shape_or_a_new_active_adapter():
+    """A new input shape compiles once more; a hot swap (new weights, same tensors) never; set_adapter
+    compiles once per adapter (the active adapter is a Python string Dynamo guards on), then switching
+    back and forth reuses the graphs."""
+    torch.manual_seed(0)
+    model = lp.inject_adapters(Mlp(), lp.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    lp.inject_adapters(model, lp.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False), "b")
+    lp.set_adapter(model, "default")
+    model.eval()
+    compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)
+    x = torch.randn(4, 8, 32)
+    with torch.no_grad():
+        before = compiled(x)
+        compiled(x)
+        assert _graphs() == 1
+        compiled(torch.randn(2, 8, 32))  # a new shape: one compile
+        compiled(torch.randn(2, 8, 32))
+        assert _graphs() == 2
+        layer = model.q_proj
+        for store in (layer.lora_A, layer.lora_B):  # a hot swap writes new values into the same tensors
+            store["default"].weight.mul_(2.0)
+        swapped = compiled(x)
+        assert _graphs() == 2 and not torch.allclose(swapped, before)
+        assert rel_err(swapped, model(x)) <= 1e-6
+        lp.set_adapter(model, "b")
+        out_b = compiled(x)
+        assert _graphs() == 3 and rel_err(out_b, model(x)) <= 1e-6
+        for name in ("default", "b", "default", "b"):
+            lp.set_adapter(model, name)
+            compiled(x)
+        assert _graphs() == 3 and not counters["graph_break"]
+
+
+def test_strategy_compile_flag_compiles_the_adapted_model_in_place():
+    import lightning as L
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = Mlp()
+
+        def training_step(self, batch, _):
+            return self.model(batch[0]).square().mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    module = Module()
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 32)), batch_size=4)
+    strategy = lp.PEFTStrategy(peft_config=lp.LoraConfig(r=4, lora_dropout=0.1, target_modules="all-linear"),
+                               compile={"backend": "eager", "fullgraph": True})
+    trainer = L.Trainer(strategy=strategy, max_steps=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, data)
+    assert module.model._compiled_call_impl is not None  # nn.Module.compile: same module, same names
+    assert isinstance(module.model.q_proj, lp.methods.LoraLayer)
+    assert _graphs() == 1 and not counters["graph_break"]
+    assert module.model.q_proj.lora_B["default"].weight.abs().sum() > 0  # it trained
+    with pytest.raises(TypeError, match="compile="):
+        lp.PEFTStrategy(compile="yes")
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_quantized_base_traces_as_one_graph(quant_type):
+    """bitsandbytes (>= 0.45) registers its 4-bit/8-bit kernels as torch custom ops, so the adapted
+    layers over a quantized base trace whole too, backward included (aot_eager). Where it stops:
+    bitsandbytes' Linear4bit casts its own bias in place (``bias.data = bias.data.to(x.dtype)``) on
+    the first call whose input dtype differs from the bias's (fp32 bias, bf16 compute dtype), which
+    Dynamo refuses; one eager forward before compiling casts it for good."""
+    torch.manual_seed(0)
+    model = Mlp()
+    lp.quantize_base(model, lp.QuantConfig(quant_type=quant_type))
+    model = lp.inject_adapters(model, lp.LoraConfig(r=4, lora_dropout=0.1, target_modules="all-linear",
+                                                    init_lora_weights=False)).train()
+    x = torch.randn(4, 8, 32)
+    if quant_type == "nf4":
+        with pytest.raises(Exception, match="mutate tensor data attribute to different dtype"):
+            torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+        dynamo.reset()
+        counters.clear()
+        model(x)  # the eager warm-up: bitsandbytes casts the biases to the compute dtype once
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    compiled(x).square().mean().backward()
+    assert model.q_proj.lora_A["default"].weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        assert rel_err(compiled(x), model(x)) <= 1e-5
+    assert _graphs() == 2 and not counters["graph_break"]
