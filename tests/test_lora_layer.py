@@ -105,9 +105,23 @@ def test_embedding_adapter_matches_float64():
     assert rel_err(layer(ids), reference) <= 1e-6
 
 
-def test_dora_on_embedding_is_refused_with_a_fix():
+def test_dora_on_embedding_matches_float64():
+    """DoRA on an embedding (as PEFT): table W + s (B A)^T, each embedding dimension rescaled to
+    magnitude m over the vocabulary; PiSSA there is still refused with a fix."""
+    torch.manual_seed(0)
+    layer = LoraLayer(nn.Embedding(20, 6)).double()
+    layer.add_adapter("a", r=3, lora_alpha=6, use_dora=True)
+    layer.active_adapter = "a"
+    with torch.no_grad():
+        layer.lora_embedding_A["a"].normal_()
+        layer.lora_magnitude_vector["a"].mul_(torch.linspace(0.5, 1.5, 6, dtype=torch.float64))
+    ids = torch.tensor([[0, 3, 19, 7]])
+    A, B = layer.lora_embedding_A["a"], layer.lora_embedding_B["a"]
+    table = layer.base_layer.weight + 2.0 * (B @ A).T  # [num, dim]
+    table = table * (layer.lora_magnitude_vector["a"] / table.norm(dim=0))
+    assert rel_err(layer(ids), table[ids]) <= 1e-12
     with pytest.raises(ValueError, match="exclude_modules"):
-        LoraLayer(nn.Embedding(5, 4)).add_adapter("a", r=2, lora_alpha=2, use_dora=True)
+        LoraLayer(nn.Embedding(5, 4)).add_adapter("a", r=2, lora_alpha=2, init_lora_weights="pissa")
 
 
 def test_adapter_report_counts_and_prints(capsys):

@@ -21,6 +21,7 @@ import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from .config import AdapterConfig, BitFitConfig, BottleneckConfig, IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig
@@ -28,6 +29,9 @@ from .methods import (AdapterModule, BitFitLayer, BottleneckLayer, IA3Layer, Lor
                       TrainableTokensLayer)
 from .methods.bitfit import bias_size
 from .methods.base import base_kind
+from .methods.ia3_conv import IA3ConvLayer
+from .methods.lora_conv import LoraConvLayer, is_conv
+from .methods.lora_mha import LoraMHALayer, is_mha
 from .methods.prompt import inject_prompt_learning
 from .modules import find_attribute, output_heads, replace_module
 from .targets import IA3_TARGETS, LORA_TARGETS, default_targets
@@ -187,6 +191,45 @@ def _select(model: nn.Module, names, exclude=None, saved=None, each: bool = True
     return targets
 
 
+# LoRA's layer kinds beyond LoraLayer's own (nn.Linear, transformers Conv1D, nn.Embedding): (test, class)
+LORA_LAYER_KINDS = ((is_conv, LoraConvLayer), (is_mha, LoraMHALayer))
+# (IA)^3's layer kinds beyond IA3Layer's own (nn.Linear, transformers Conv1D)
+IA3_LAYER_KINDS = ((is_conv, IA3ConvLayer),)
+
+
+def _kind_class(module: nn.Module, kinds, default: type | None) -> type | None:
+    """The adapter class ``kinds`` gives ``module`` (the user's layer), else ``default``."""
+    return next((cls for test, cls in kinds if test(module)), default)
+
+
+def _lora_wraps(module: nn.Module) -> bool:
+    return base_kind(module) is not None or _kind_class(module, LORA_LAYER_KINDS, None) is not None
+
+
+def _attention_targets(model: nn.Module, config: LoraConfig, targets: list) -> list[tuple[str, nn.Module]]:
+    """``targets`` with each ``out_proj`` of an ``nn.MultiheadAttention`` replaced by the attention
+    module itself (its forward reads ``out_proj.weight`` and never calls ``out_proj``: a LoRA there
+    would be dead); "all-linear" takes every attention module."""
+    chosen: dict[str, nn.Module] = {}
+    for path, module in targets:
+        parent, _, leaf = path.rpartition(".")
+        owner = model.get_submodule(parent) if parent else None
+        if leaf == "out_proj" and owner is not None and is_mha(_unwrap(owner)):
+            if config.target_modules != "all-linear":
+                warnings.warn(f"target {path!r} is the out_proj of an nn.MultiheadAttention, whose forward never calls it: "
+                              f"LoRA goes on the attention module {parent!r} instead (in_proj and out_proj, as in PEFT).",
+                              stacklevel=4)
+            chosen[parent] = owner
+        else:
+            chosen[path] = module
+    if config.target_modules == "all-linear":
+        for path, module in _user_modules(model):
+            if is_mha(_unwrap(module)) and not (config.exclude_modules and _matches(config.exclude_modules, path)):
+                chosen.setdefault(path, module)
+    order = {p: i for i, (p, _) in enumerate(_user_modules(model))}
+    return sorted(chosen.items(), key=lambda item: order.get(item[0], 0))
+
+
 def _find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
     if config.target_modules is None and config.target_parameters:
         return []  # parameters only
@@ -196,10 +239,12 @@ def _find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mo
             'LoraConfig(target_modules="all-linear") or LoraConfig(target_modules=["q_proj", "v_proj"])'))
     targets = _select(model, config.target_modules, config.exclude_modules, config.modules_to_save,
                       layers=config.layers_to_transform, layers_pattern=config.layers_pattern)
-    unsupported = [(p, type(m).__name__) for p, m in targets if base_kind(_unwrap(m)) is None]
+    targets = _attention_targets(model, config, targets)
+    unsupported = [(p, type(m).__name__) for p, m in targets if not _lora_wraps(_unwrap(m))]
     if unsupported:
         raise ValueError(f"target_modules selects modules LoRA cannot wrap: {unsupported[:5]}. LoRA wraps "
-                         f"nn.Linear, transformers Conv1D and nn.Embedding; narrow target_modules.")
+                         f"nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d/2d/3d and nn.MultiheadAttention; "
+                         f"narrow target_modules.")
     return targets
 
 
@@ -252,7 +297,8 @@ def _inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str, loadin
                   lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
                   use_dora=config.use_dora, init_lora_weights=config.init_lora_weights,
                   lora_bias=config.lora_bias),
-              make=LoraLayer)
+              make=lambda m: _kind_class(m, LORA_LAYER_KINDS, LoraLayer)(m))
+    _note_float_layers(model, targets)
     _wrap_parameters(model, params, lambda layer, path: layer.add_adapter(
         adapter_name, r=_pattern_value(config.rank_pattern, path, config.r),
         lora_alpha=_pattern_value(config.alpha_pattern, path, config.lora_alpha),
@@ -393,6 +439,20 @@ def _wrap_parameters(model: nn.Module, params, add) -> None:
         layer.train(module.training)
 
 
+def _note_float_layers(model: nn.Module, targets) -> None:
+    """On a quantized model, say which targets keep a float base (bitsandbytes quantizes only
+    nn.Linear: no convolution, no attention module)."""
+    from .quantize import quant_config  # local: quantize imports the methods package
+
+    if quant_config(model) is None:
+        return
+    kept = sorted({type(_unwrap(m)).__name__ for _, m in targets if is_conv(_unwrap(m)) or is_mha(_unwrap(m))})
+    if kept:
+        count = sum(1 for _, m in targets if is_conv(_unwrap(m)) or is_mha(_unwrap(m)))
+        rank_zero_info(f"lightning-peft: {count} adapted layers ({', '.join(kept)}) keep a float base weight: bitsandbytes "
+                  f"has no 4-bit kernel for them; their adapters train on the float weight.")
+
+
 def _find_saved(model: nn.Module, config) -> list[tuple[str, nn.Module]]:
     """The modules ``config.modules_to_save`` names (each name must match one)."""
     saved = [(p, m) for p, m in _user_modules(model)
@@ -447,14 +507,17 @@ def _inject_ia3(model: nn.Module, config: IA3Config, adapter_name: str, loading:
     targets = _select(model, config.target_modules, config.exclude_modules, config.modules_to_save)
     saved = _find_saved(model, config)
     unsupported = [(p, type(_unwrap(m)).__name__) for p, m in targets
-                   if base_kind(_unwrap(m)) not in ("linear", "conv1d")]
+                   if base_kind(_unwrap(m)) not in ("linear", "conv1d")
+                   and _kind_class(_unwrap(m), IA3_LAYER_KINDS, None) is None]
     if unsupported:
         raise ValueError(f"target_modules selects modules (IA)^3 cannot scale: {unsupported[:5]}. It scales "
-                         f"nn.Linear and transformers Conv1D layers; narrow target_modules.")
+                         f"nn.Linear, transformers Conv1D and nn.Conv1d/2d/3d layers; narrow target_modules.")
     ff = config.feedforward_modules
     feedforward = {p for p, _ in targets if ff and _matches(ff, p)}
     fan_in_fan_out = _fan_in_fan_out(config, targets, "IA3Config")
-    _wrap_all(model, targets, IA3Layer, "(IA)^3", lambda layer, path: layer.add_adapter(adapter_name, path in feedforward))
+    _wrap_all(model, targets, IA3Layer, "(IA)^3", lambda layer, path: layer.add_adapter(adapter_name, path in feedforward),
+              make=lambda m: _kind_class(m, IA3_LAYER_KINDS, IA3Layer)(m))
+    _note_float_layers(model, targets)
     _wrap_saved(model, saved, adapter_name)
     return dataclasses.replace(config, target_modules=sorted(p for p, _ in targets),
                                feedforward_modules=sorted(feedforward) or None, fan_in_fan_out=fan_in_fan_out)

@@ -61,7 +61,7 @@ def merged_weight(layer: LoraLayer, name: str, weight: torch.Tensor) -> tuple[to
     if name not in layer.lora_magnitude_vector:
         return merged, None
     norm = torch.linalg.vector_norm(merged, dim=1)
-    return merged * (layer.lora_magnitude_vector[name].to(norm.dtype) / norm)[:, None], norm
+    return merged * (layer.dora_magnitude(name).to(norm.dtype) / norm)[:, None], norm
 
 
 def merge_layer(layer: LoraLayer, name: str, allow_lossy: bool = False) -> float | None:
@@ -71,6 +71,7 @@ def merge_layer(layer: LoraLayer, name: str, allow_lossy: bool = False) -> float
     update lost to re-quantization, ``||W_q' - W_q - dW|| / ||dW||``."""
     if name in layer.merged:
         raise RuntimeError(f"adapter {name!r} is already merged into this layer.")
+    _refuse_layer_merge([layer], name)
     _refuse_lora_bias_without_base_bias([layer], name)
     with torch.no_grad():
         weight = layer.base_weight()
@@ -91,6 +92,14 @@ def merge_layer(layer: LoraLayer, name: str, allow_lossy: bool = False) -> float
     layer.merged.append(name)
     layer.clear_stack_cache()  # a re-quantized base is a new tensor: no version bump to see
     return lost
+
+
+def _refuse_layer_merge(layers: list[LoraLayer], name: str) -> None:
+    """Raise, before anything changes, if a layer cannot hold adapter ``name`` in its weight."""
+    for layer in layers:
+        reason = layer.merge_refusal(name)
+        if reason:
+            raise RuntimeError(reason)
 
 
 def _refuse_lora_bias_without_base_bias(layers: list[LoraLayer], name: str) -> None:
@@ -129,7 +138,7 @@ def unmerge_layer(layer: LoraLayer, name: str) -> None:
         weight = layer.base_weight().to(delta.dtype)
         if name in layer.lora_magnitude_vector:
             norm = layer.dora_merge_norms.pop(name)
-            weight = weight * (norm / layer.lora_magnitude_vector[name].to(norm.dtype))[:, None]
+            weight = weight * (norm / layer.dora_magnitude(name).to(norm.dtype))[:, None]
         layer.set_base_weight(weight - delta)
         _add_lora_bias(layer, name, -1)
     layer.merged.remove(name)
@@ -152,6 +161,7 @@ def merge_adapters(model: nn.Module, adapter_name: str | None = None, allow_loss
     if not allow_lossy and any(m.quantized for m in layers):
         raise RuntimeError(_LOSSY_MESSAGE)
     _refuse_lora_bias_without_base_bias(layers, name)
+    _refuse_layer_merge(layers, name)
     if any(isinstance(m, IA3Layer) and m.quantized for m in others):
         raise RuntimeError(f"adapter {name!r} is (IA)^3 over a quantized base: scaling a 4-bit weight in place "
                            f"re-quantizes it and loses the update. Use lightning_peft.export_merged(model, directory) "
@@ -208,8 +218,16 @@ def merged_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict
         if isinstance(module, LoraLayer):
             weight = module.base_weight()
             if name in module.scaling and name not in module.merged:
+                _refuse_layer_merge([module], name)
                 weight, _ = merged_weight(module, name, weight)
-            state[prefix + "weight"] = weight.t() if module.transposed else weight
+            state[prefix + module.weight_key] = module.stored_weight(weight)
+            if module.weight_key != "weight":  # a module with more than one weight (MultiheadAttention): the rest
+                base = module.base_layer
+                for key, param in base.named_parameters(recurse=False):
+                    state.setdefault(prefix + key, param)
+                for key, child in base.named_children():
+                    visit(child, prefix + key + ".")
+                return None
             bias = getattr(module.base_layer, "bias", None)
             lora_b = module.lora_B[name] if name in module.lora_B else None
             if lora_b is not None and lora_b.bias is not None and name not in module.merged:  # lora_bias

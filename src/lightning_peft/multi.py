@@ -96,8 +96,17 @@ def adapter_ids(model: nn.Module, ids: Sequence[str | None]):
     for module in _outer_adapter_modules(model):
         if getattr(module, "merged", None):
             _refuse_if_merged(model, "run a mixed-adapter batch")
-        if isinstance(module, LoraLayer):
+        if isinstance(module, LoraLayer) and module.supports_mixed_batches:
             lora_layers.append(module)
+        elif isinstance(module, LoraLayer):
+            held = sorted(wanted.intersection(module.adapter_names()))
+            if held:
+                path = next(p for p, m in model.named_modules() if m is module)
+                raise NotImplementedError(
+                    f"{path} ({type(module.base_layer).__name__}) holds LoRA adapters {held} and cannot mix adapters "
+                    f"per row: the adapter changes the module's weights for the whole batch. Run those rows in their "
+                    f"own batch with lightning_peft.use_adapter(model, name) instead.")
+            others.append(module)
         else:  # another method's adapter module
             held = sorted(wanted.intersection(module.adapter_names()))
             if held:

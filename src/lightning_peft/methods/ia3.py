@@ -53,12 +53,16 @@ class IA3Layer(WeightLayer):
         self.feedforward[name] = feedforward
 
     # ------------------------------------------------------------------------------- weights
+    def weight_scale(self, name: str) -> torch.Tensor:
+        """Vector ``name`` laid out to multiply :meth:`base_weight`: ``[out, 1]`` scales rows, ``[1, in]`` columns."""
+        return self.ia3_l[name]
+
     def merged_base(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(W', b')``: the weight ``[out, in]`` and bias with vector ``name`` folded in, in at
-        least fp32; nothing changes in the layer."""
+        """``(W', b')``: the weight (as :meth:`base_weight`) and bias with vector ``name`` folded in,
+        in at least fp32; nothing changes in the layer."""
         scale = self.ia3_l[name]
         dtype = torch.promote_types(scale.dtype, torch.float32)
-        weight = self.base_weight().to(dtype) * scale.to(dtype)  # [out, 1] scales rows, [1, in] columns
+        weight = self.base_weight().to(dtype) * self.weight_scale(name).to(dtype)
         bias = getattr(self.base_layer, "bias", None)
         if bias is not None and not self.feedforward[name]:
             bias = bias.to(dtype) * scale.to(dtype).flatten()
@@ -86,7 +90,7 @@ class IA3Layer(WeightLayer):
         with torch.no_grad():
             dtype = torch.promote_types(scale.dtype, torch.float32)
             weight = self.base_weight()
-            weight.copy_(weight.to(dtype) / scale.to(dtype))
+            weight.copy_(weight.to(dtype) / self.weight_scale(name).detach().to(dtype))
             bias = getattr(self.base_layer, "bias", None)
             if bias is not None and not self.feedforward[name]:
                 bias.copy_(bias.to(dtype) / scale.to(dtype).flatten())

@@ -53,6 +53,8 @@ class LoraLayer(MixedBatchMixin, WeightLayer):
     """
 
     method = "lora"
+    supports_mixed_batches = True  # rows of one batch may run different adapters (adapter_ids)
+    weight_key = "weight"  # the base layer's state-dict key of the weight base_weight() views
     adapter_stores = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_dropout",
                       "lora_magnitude_vector")
 
@@ -114,8 +116,8 @@ class LoraLayer(MixedBatchMixin, WeightLayer):
             raise ValueError("PiSSA splits a float weight by SVD; this base is quantized. Initialise PiSSA on "
                              "the float model and quantize the residual, or use init_lora_weights=True.")
         if self.kind == "embedding":
-            if use_dora or init_lora_weights == "pissa":
-                raise ValueError("DoRA and PiSSA are not available for nn.Embedding layers; "
+            if init_lora_weights == "pissa":
+                raise ValueError("PiSSA is not available for nn.Embedding layers; "
                                  "exclude the embedding from target_modules (exclude_modules=[...]).")
             self.lora_embedding_A[name] = nn.Parameter(torch.empty(r, in_features, **factory))
             self.lora_embedding_B[name] = nn.Parameter(torch.empty(out_features, r, **factory))
@@ -182,6 +184,18 @@ class LoraLayer(MixedBatchMixin, WeightLayer):
         dtype = torch.promote_types(A.dtype, torch.float32)
         return self.scaling[name] * (B.to(dtype) @ A.to(dtype))
 
+    def dora_magnitude(self, name: str) -> torch.Tensor:
+        """The DoRA magnitude of adapter ``name`` as ``[out]`` (layer kinds store other shapes)."""
+        return self.lora_magnitude_vector[name]
+
+    def stored_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """A weight in the ``[out, in]`` view of :meth:`base_weight` back in the layout the base layer stores."""
+        return weight.t() if self.transposed else weight
+
+    def merge_refusal(self, name: str) -> str | None:
+        """Why adapter ``name`` cannot be folded into this layer's weight, or None when it can."""
+        return None
+
     def dora_row_norm(self, name: str) -> torch.Tensor:
         """``||W + s B A||`` over each output row, ``[out]``, fp32 or wider (not detached here)."""
         delta = self.delta_weight(name)
@@ -200,6 +214,8 @@ class LoraLayer(MixedBatchMixin, WeightLayer):
             base = self.base_layer
             rows = F.embedding(x, A.t(), base.padding_idx, base.max_norm, base.norm_type,
                                base.scale_grad_by_freq, base.sparse)
+            if name in self.lora_magnitude_vector:  # DoRA: m / ||W + s B A|| per embedding dimension
+                return self._dora(result, rows @ B.t(), name, self.scaling[name])
             return torch.add(result, (rows @ B.t()).to(result.dtype), alpha=self.scaling[name])
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         scaling = self.scaling[name]
