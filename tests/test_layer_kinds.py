@@ -153,10 +153,13 @@ def test_conv_mixed_batch_rows_match_each_adapter_alone():
         _close(mixed[row:row + 1], alone, f"row {row} ({name}) in a mixed batch vs alone")
 
 
-def test_conv_rank_must_divide_by_groups():
-    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4))
+def test_conv_rank_must_divide_by_groups_and_a_refusal_changes_nothing():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3), nn.MultiheadAttention(4, 2), nn.Conv2d(4, 4, 3, groups=4))
+    before = copy.deepcopy(model)
     with pytest.raises(ValueError, match=r"rank r=6 .*multiple of groups.*r=4"):
-        lp.inject_adapters(model, lp.LoraConfig(r=6, target_modules=["0"]))
+        lp.inject_adapters(model, lp.LoraConfig(r=6, target_modules=["0", "1", "2"]))
+    assert [type(m) for m in model.modules()] == [type(m) for m in before.modules()]  # no wrapper left behind
+    assert not lp.adapter_configs(model)
 
 
 def test_ia3_on_grouped_conv_matches_peft_and_merges_exactly(tmp_path):

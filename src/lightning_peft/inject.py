@@ -481,8 +481,18 @@ def _wrap_all(model: nn.Module, targets, cls: type, method: str, add, make=None)
         raise ValueError(f"{method} cannot go on modules that already carry another method's adapter: {taken[:5]}. "
                          f"Use one method per module (exclude_modules=[...] or other target names).")
     layers = [(path, module, (make or cls)(module) if not isinstance(module, cls) else module) for path, module in targets]
+    added: list[tuple[AdapterModule, set]] = []
+    try:
+        for path, module, layer in layers:
+            before = set(layer.adapter_names())
+            added.append((layer, before))
+            add(layer, path)
+    except Exception:  # a layer refused the adapter (a rank its kind cannot take, ...): undo the others
+        for layer, before in reversed(added):
+            for name in set(layer.adapter_names()) - before:
+                layer.remove_adapter(name)
+        raise
     for path, module, layer in layers:
-        add(layer, path)
         layer.train(module.training)
         if layer is not module:
             replace_module(model, path, layer)

@@ -70,8 +70,6 @@ class LoraMHALayer(LoraLayer):
         self.dora_merge_norms: dict[str, torch.Tensor] = {}
         self.row_adapters = None
         self._stack_cache = None
-        if not isinstance(base_layer.out_proj, LoraLayer):
-            base_layer.out_proj = LoraLayer(base_layer.out_proj)
 
     @property
     def out_layer(self) -> LoraLayer:
@@ -88,8 +86,9 @@ class LoraMHALayer(LoraLayer):
 
     @property
     def _qkv_same_embed_dim(self) -> bool:  # read by torch's TransformerEncoderLayer fast-path check
+        out = self.base_layer.out_proj
         return self.base_layer._qkv_same_embed_dim and self._live_name(self) is None \
-            and self._live_name(self.out_layer) is None
+            and not (isinstance(out, LoraLayer) and self._live_name(out) is not None)
 
     # ------------------------------------------------------------------------------ adapters
     def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
@@ -118,7 +117,19 @@ class LoraMHALayer(LoraLayer):
                 nn.init.kaiming_uniform_(B, a=math.sqrt(5))
             else:
                 nn.init.zeros_(B)
+        base = self.base_layer
+        if not isinstance(base.out_proj, LoraLayer):  # wrapped with the first adapter, unwrapped with the last
+            base.out_proj = LoraLayer(base.out_proj)
         self.out_layer.add_adapter(name, r, lora_alpha, 0.0, use_rslora, False, init_lora_weights)
+
+    def remove_adapter(self, name: str) -> None:
+        super().remove_adapter(name)
+        base = self.base_layer
+        if isinstance(base.out_proj, LoraLayer):  # (delete_adapter restores out_proj first, innermost first)
+            if name in base.out_proj.adapter_names():
+                base.out_proj.remove_adapter(name)
+            if not base.out_proj.adapter_names():
+                base.out_proj = base.out_proj.base_layer
 
     # ------------------------------------------------------------------------------- forward
     @staticmethod
@@ -143,7 +154,7 @@ class LoraMHALayer(LoraLayer):
         if name is not None:
             weights["in_proj_weight"] = self._effective(self, name, self.base_layer.in_proj_weight)
         out_layer = self.out_layer
-        out_name = self._live_name(out_layer)
+        out_name = self._live_name(out_layer) if isinstance(out_layer, LoraLayer) else None
         if out_name is not None:
             weights["out_proj.base_layer.weight"] = self._effective(out_layer, out_name, out_layer.base_layer.weight)
         if not weights:
