@@ -153,6 +153,36 @@ def test_conv_mixed_batch_rows_match_each_adapter_alone():
         _close(mixed[row:row + 1], alone, f"row {row} ({name}) in a mixed batch vs alone")
 
 
+def test_conv_combine_adapters_and_rank_spectrum():
+    from lightning_peft.callbacks.rank_monitor import delta_singular_values
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3, groups=2)).eval()
+    x = torch.randn(2, 3, 7, 7)
+    for name, r in (("a", 2), ("b", 4)):
+        lp.inject_adapters(model, lp.LoraConfig(r=r, lora_alpha=r, target_modules=["0"], init_lora_weights=False), name)
+    with torch.no_grad():
+        with lp.disable_adapters(model):
+            base = model(x)
+        outs = []
+        for name in ("a", "b"):
+            with lp.use_adapter(model, name):
+                outs.append(model(x))
+        a, b = outs
+        lp.combine_adapters(model, ["a", "b"], [1.0, 1.0], method="cat", new_name="ab")
+        with lp.use_adapter(model, "ab"):
+            _close(model(x), a + b - base, "combined adapter vs the sum of both updates")
+    lp.inject_adapters(model, lp.LoraConfig(r=4, target_modules=["1"], init_lora_weights=False), "g")
+    layer = model[1]
+    A, B = layer.lora_A["g"].weight.flatten(1), layer.lora_B["g"].weight.flatten(1)
+    dense = torch.zeros(4, 4 * 9)  # the grouped update, every input channel to every output channel
+    for j in range(2):
+        dense[2 * j:2 * j + 2] = B[2 * j:2 * j + 2] @ A[2 * j:2 * j + 2]
+    _close(delta_singular_values(layer, "g"), torch.linalg.svdvals(layer.scaling["g"] * dense)[:4], "rank spectrum")
+    with pytest.raises(ValueError, match=r"groups=2\) holds adapters \['g'\]"):
+        lp.combine_adapters(model, ["g"], [1.0])
+
+
 def test_conv_rank_must_divide_by_groups_and_a_refusal_changes_nothing():
     model = nn.Sequential(nn.Conv2d(4, 4, 3), nn.MultiheadAttention(4, 2), nn.Conv2d(4, 4, 3, groups=4))
     before = copy.deepcopy(model)

@@ -154,10 +154,15 @@ def _combined_factors(layer: LoraLayer, names: list[str], weights: list[float], 
                       rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A: [rank, in], B: [out, rank])`` in fp32 (or wider) for one layer; see module doc."""
     present = [(n, w) for n, w in zip(names, weights) if n in layer.scaling]
+    if getattr(layer, "groups", 1) > 1:
+        raise ValueError(f"combine_adapters: {type(layer.base_layer).__name__}(groups={layer.groups}) holds adapters "
+                         f"{[n for n, _ in present]}; a grouped lora_B splits the rank by group, so factors of several "
+                         f"adapters do not concatenate or add. Exclude grouped convolutions from the adapters to combine.")
     factors = [layer._factors(n) for n, _ in present]
     dtype = torch.promote_types(factors[0][0].dtype, torch.float32)
-    A_new = factors[0][0].new_zeros(rank, layer.in_features, dtype=dtype)
-    B_new = factors[0][0].new_zeros(layer.out_features, rank, dtype=dtype)
+    # the factors' own widths: [r, in] for a linear layer, [r, in * prod(kernel)] for a convolution
+    A_new = factors[0][0].new_zeros(rank, factors[0][0].shape[1], dtype=dtype)
+    B_new = factors[0][0].new_zeros(factors[0][1].shape[0], rank, dtype=dtype)
     if method == "cat":
         A = torch.cat([w * layer.scaling[n] * A.to(dtype) for (n, w), (A, _) in zip(present, factors)])
         B = torch.cat([B.to(dtype) for _, B in factors], dim=1)

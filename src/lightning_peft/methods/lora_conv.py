@@ -148,8 +148,13 @@ class LoraConvLayer(LoraLayer):
         return (1, -1) + (1,) * (self.base_layer.weight.dim() - 2)
 
     def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A: [r, in * prod(k)], B: [out, r / g])`` (``B`` as stored, flattened)."""
-        return self.lora_A[name].weight.flatten(1), self.lora_B[name].weight.flatten(1)
+        """``(A: [r, in * prod(k)], B: [out, r])`` with ``s B A`` the adapter's dense update (every input
+        channel to every output channel). Views of the stored tensors for groups 1; for groups > 1
+        ``B`` is the grouped ``[out, r / g]`` laid out block-diagonally (a new tensor)."""
+        A, B = self.lora_A[name].weight.flatten(1), self.lora_B[name].weight.flatten(1)
+        if self.groups > 1:
+            B = torch.block_diag(*B.reshape(self.groups, self.out_features // self.groups, -1).unbind(0))
+        return A, B
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """``dW`` as ``[out, in * prod(k)]`` in at least fp32 (groups 1; see :meth:`merge_refusal`)."""
