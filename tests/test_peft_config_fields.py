@@ -335,3 +335,15 @@ def test_combine_adapters_refuses_the_parts_it_cannot_add():
     lp.inject_adapters(model, lp.LoraConfig(target_modules=["v"]), adapter_name="b")
     with pytest.raises(ValueError, match="uses target_parameters"):
         lp.combine_adapters(model, ["a", "b"], [0.5, 0.5], new_name="mix")
+
+
+def test_hot_swap_updates_parameter_adapters_too(tmp_path):
+    """A hot swap copies the parameter adapter's factors and takes the new lora_alpha."""
+    x = torch.randn(3, 4)
+    config = dict(target_modules=None, lora_dropout=0.0, target_parameters=["layers.1.q.weight"], init_lora_weights=False)
+    trained = lp.inject_adapters(Stack(), lp.LoraConfig(lora_alpha=3, **config))
+    lp.save_adapter(trained, tmp_path)
+    model = lp.inject_adapters(Stack(), lp.LoraConfig(lora_alpha=32, **config))
+    lp.hot_swap_adapter(model, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), trained(x))

@@ -41,7 +41,7 @@ from .inject import (
     adapter_owner,
     inject_adapters,
 )
-from .methods import AdapterModule, LoraLayer
+from .methods import AdapterModule, LoraLayer, LoraParamLayer
 from .methods.lora import lora_scaling
 from .methods.mixed import release_batch_memos
 
@@ -284,8 +284,9 @@ def hot_swap_adapter(model: nn.Module, directory: str | os.PathLike, adapter_nam
     owner = adapter_owner(model)
     scalings = {}
     for path, layer in adapter_modules(owner):
-        if isinstance(layer, LoraLayer) and adapter_name in layer.scaling:
-            r = layer._factors(adapter_name)[0].shape[0]
+        if isinstance(layer, (LoraLayer, LoraParamLayer)) and adapter_name in layer.scaling:
+            r = (layer._factors(adapter_name)[0].shape[0] if isinstance(layer, LoraLayer)
+                 else layer.lora_A[adapter_name].weight.shape[0] // layer.num_experts)
             alpha = _pattern_value(config.alpha_pattern, path, config.lora_alpha)
             scalings[layer] = lora_scaling(alpha, r, config.use_rslora)
     with torch.no_grad():
@@ -293,7 +294,9 @@ def hot_swap_adapter(model: nn.Module, directory: str | os.PathLike, adapter_nam
             tensor.copy_(loaded[key].to(dtype=tensor.dtype, device=tensor.device))
     for layer, scaling in scalings.items():
         layer.scaling[adapter_name] = scaling
-        layer.clear_stack_cache()  # the copies bump version counters, except on inference tensors
-    kept = {f.name: getattr(old, f.name) for f in dataclasses.fields(old) if f.name in ("target_modules", "fan_in_fan_out")}
+        if isinstance(layer, LoraLayer):
+            layer.clear_stack_cache()  # the copies bump version counters, except on inference tensors
+    kept = {f.name: getattr(old, f.name) for f in dataclasses.fields(old)
+            if f.name in ("target_modules", "fan_in_fan_out", "target_parameters", "trainable_token_indices")}
     object.__setattr__(owner, CONFIGS_ATTR, {**configs, adapter_name: dataclasses.replace(config, **kept)})
     return model
