@@ -28,7 +28,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
 
-from .atomic import atomic_write
+from .atomic import atomic_directory, recover_directory, refuse_leftover
 from .config import AdapterConfig, QuantConfig, config_from_dict
 from .methods import AdapterModule
 from .inject import (_inject, adapter_configs, adapter_modules, adapter_owner, adapter_parameters, check_adapter_name,
@@ -43,6 +43,8 @@ TRAINING_STATE = "training_state.ckpt"  # beside the adapter files in an Adapter
 CHECKPOINT_KEY = "lightning_peft"  # the entry of a Lightning checkpoint that holds checkpoint_meta
 CHECKSUMS_NAME = "lightning_peft_checksums.json"  # {"sha256": {tensor file name: hex digest}}; PEFT ignores it
 MAX_JSON_BYTES = 16 * 2**20  # an adapter config is a few KB: anything this large is not one
+# what save_adapter owns in its directory (replaced by each save); anything else there is kept
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, CHECKSUMS_NAME, *PICKLE_NAMES)
 
 
 def adapter_tensors(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
@@ -115,36 +117,39 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     With ``model_card``, a ``README.md`` says what the adapter is and how to load it (PEFT,
     lightning-peft, vLLM multi-LoRA); ``trainer`` adds the fit's data counts and final metrics.
 
-    The weights are written before the config, each atomically, so a reader never sees a config
-    that points at missing weights; the sha256 of the weights file goes into
-    ``lightning_peft_checksums.json`` (:func:`load_adapter` verifies it). Returns the directory."""
+    The sha256 of the weights file goes into ``lightning_peft_checksums.json`` (:func:`load_adapter`
+    verifies it). The directory is replaced whole and atomically
+    (:func:`lightning_peft.atomic.atomic_directory`): a crash at any instant leaves the previous
+    save or the new one, never a mix of both; other files already in ``directory`` (your notes,
+    other adapters' sub-folders) are kept. Returns the directory."""
     check_adapter_name(adapter_name)
     configs = adapter_configs(model)
     if adapter_name not in configs:
         raise ValueError(f"no adapter named {adapter_name!r} to save; this model has {list(configs)}.")
     directory = Path(directory)
+    with atomic_directory(directory, owned=ADAPTER_FILES) as tmp:
+        write_adapter_files(model, tmp, adapter_name, trainer=trainer, model_card=model_card)
+    return directory
+
+
+def write_adapter_files(model: nn.Module, directory: Path, adapter_name: str = "default", *, trainer=None,
+                        model_card: bool = True) -> None:
+    """The files of :func:`save_adapter`, written plainly into ``directory`` (a folder being built
+    inside :func:`~lightning_peft.atomic.atomic_directory`, which makes the whole save atomic)."""
+    configs = adapter_configs(model)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {**embedding_base_weights(model, adapter_name, saving=True), **adapter_tensors(model, adapter_name)}
     tensors = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
-    digests = {}
-
-    def write_weights(tmp: Path) -> None:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        digests[WEIGHTS_NAME] = hashlib.sha256(tmp.read_bytes()).hexdigest()  # of the bytes on disk
-
-    atomic_write(directory / WEIGHTS_NAME, write_weights)
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    digests = {WEIGHTS_NAME: hashlib.sha256((directory / WEIGHTS_NAME).read_bytes()).hexdigest()}  # bytes on disk
     config = configs[adapter_name].to_dict()
     config["base_model_name_or_path"] = getattr(adapter_owner(model), "name_or_path", None) or None
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(text))
-    sums = json.dumps({"sha256": digests}, indent=2) + "\n"
-    atomic_write(directory / CHECKSUMS_NAME, lambda tmp: tmp.write_text(sums))
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (directory / CHECKSUMS_NAME).write_text(json.dumps({"sha256": digests}, indent=2) + "\n")
     if model_card:
         from .card import CARD_NAME, adapter_card
 
-        card = adapter_card(config, model, trainer, adapter_name)
-        atomic_write(directory / CARD_NAME, lambda tmp: tmp.write_text(card))
-    return directory
+        (directory / CARD_NAME).write_text(adapter_card(config, model, trainer, adapter_name))
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -256,6 +261,8 @@ def check_tensors_fit(expected: Mapping[str, torch.Tensor], loaded: Mapping[str,
 def read_adapter_config(directory: Path, config_class: type[AdapterConfig] | None = None) -> AdapterConfig:
     """The config in ``directory/adapter_config.json``, as the class its ``peft_type`` names (or as
     ``config_class``); a missing file or invalid JSON is an error that says so."""
+    refuse_leftover(directory)
+    recover_directory(directory)
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not an adapter directory "
@@ -354,9 +361,19 @@ def _refuse_overflowing_updates(model: nn.Module, adapter_name: str, config_path
                              f"alpha_pattern) is not a value training could have produced. Fix it in the file.")
 
 
+def is_save_directory(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory to load from (an ``AdapterCheckpoint`` save), after undoing an
+    interrupted replacement of it; a hidden leftover of an interrupted save or delete is refused."""
+    refuse_leftover(path)
+    recover_directory(path)
+    return Path(path).is_dir()
+
+
 def read_training_state(directory: str | os.PathLike, map_location=None, weights_only: bool | None = None) -> dict:
     """The Lightning checkpoint inside an AdapterCheckpoint save directory (``weights_only``: see
     :func:`load_checkpoint_file`)."""
+    refuse_leftover(directory)
+    recover_directory(directory)
     path = Path(directory) / TRAINING_STATE
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is a directory without {TRAINING_STATE}: not an AdapterCheckpoint save "

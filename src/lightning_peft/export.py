@@ -7,8 +7,8 @@ tensor to its shard (``{"metadata": {"total_size": bytes}, "weight_map": {key: f
 ``save_pretrained`` writes above ``max_shard_size``. Every safetensors file carries the metadata
 ``{"format": "pt"}``, which transformers checks.
 
-:func:`lightning_peft.export_merged` writes all of these into a staging directory, then moves them
-into place (see :func:`publish`).
+:func:`lightning_peft.export_merged` writes all of these into a hidden sibling directory, then
+swaps the whole directory into place (:func:`lightning_peft.atomic.atomic_directory`).
 """
 
 from __future__ import annotations

@@ -36,7 +36,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
-from .checkpoint import (CHECKPOINT_KEY, adapter_state_keys, check_checkpoint_adapters, read_training_state,
+from .checkpoint import (CHECKPOINT_KEY, adapter_state_keys, check_checkpoint_adapters, is_save_directory,
+                         read_training_state,
                          restore_rng_states)
 from .config import QuantConfig
 from .inject import adapter_configs
@@ -182,7 +183,7 @@ class PEFTFSDPStrategy(_PEFTSetup, ModelParallelStrategy):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         path = Path(self.broadcast(checkpoint_path))
-        checkpoint = (read_training_state(path, weights_only=weights_only) if path.is_dir()
+        checkpoint = (read_training_state(path, weights_only=weights_only) if is_save_directory(path)
                       else _load(path, map_location="cpu", weights_only=weights_only))
         module = self.lightning_module
         check_checkpoint_adapters(module, checkpoint)  # full (global) shapes against the file's

@@ -21,7 +21,6 @@ path: dequantize, merge in fp32, write a float ``model.safetensors`` with the or
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,14 +29,17 @@ import torch
 from torch import nn
 
 from .card import merged_card, write_card
-from .export import (DEFAULT_MAX_SHARD_SIZE, WEIGHTS_NAME, base_directory, previous_weight_files, publish,
-                     staging_directory, write_config, write_tokenizer, write_weights)
+from .atomic import atomic_directory
+from .export import (DEFAULT_MAX_SHARD_SIZE, INDEX_NAME, WEIGHTS_NAME, base_directory, write_config, write_tokenizer,
+                     write_weights)
 from .inject import adapter_configs, adapter_modules, adapter_owner
 from .methods import (BitFitLayer, BottleneckLayer, IA3Layer, LoraLayer, LoraParamLayer, ModulesToSave, PromptLearning,
                       TrainableTokensLayer)
 from .quantize import dequantize_weight, is_quantized, quant_config, requantize_
 
 MANIFEST_NAME = "lightning_peft_export.json"
+# what an export owns in its directory (replaced by each export); anything else there is kept
+EXPORT_FILES = (WEIGHTS_NAME, "model-*-of-*.safetensors", INDEX_NAME, MANIFEST_NAME)
 
 
 def _lora_layers(model: nn.Module) -> list[LoraLayer]:
@@ -302,9 +304,11 @@ def export_merged(model: nn.Module, directory: str | Path, dtype: torch.dtype = 
             ``save_pretrained`` does.
         trainer: the Lightning Trainer of the fit, for the card's data counts and final metrics.
 
-    Everything is written into a staging directory beside ``directory`` first, then moved in;
-    weight files of an earlier export there that this one does not replace are removed. Returns
-    the path of the weights file (of the index when sharded)."""
+    Non-finite merged weights (NaN/inf adapters) are refused before anything is written.
+    Everything is written into a hidden sibling of ``directory`` first, then the whole directory
+    is swapped in atomically (docs/reliability.md): a crash leaves the previous export or the new
+    one. Weight files of an earlier export that this one does not replace go; other files there
+    stay. Returns the path of the weights file (of the index when sharded)."""
     directory = Path(directory)
     owner = adapter_owner(model) or model
     base_dir = base_directory(owner, base)
@@ -323,9 +327,10 @@ def export_merged(model: nn.Module, directory: str | Path, dtype: torch.dtype = 
     if adapter_config is not None:
         adapter_config["base_model_name_or_path"] = getattr(owner, "name_or_path", None) or (
             str(base_dir) if base_dir else None)
-    stale = previous_weight_files(directory)
-    staging = staging_directory(directory)
-    try:
+    _refuse_nonfinite(tensors, directory)
+    # the whole directory is replaced atomically (docs/reliability.md); of an earlier export's files,
+    # the weight files (shards of another count, an index) go, anything else this one does not write stays
+    with atomic_directory(directory, owned=EXPORT_FILES) as staging:
         files = write_weights(staging, tensors, max_shard_size)
         weights = files[-1] if len(files) > 1 else files[0]
         files += write_config(staging, owner, base_dir, dtype)
@@ -341,8 +346,13 @@ def export_merged(model: nn.Module, directory: str | Path, dtype: torch.dtype = 
         }
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         write_card(staging, merged_card(manifest, model if configs else None, trainer, files + [MANIFEST_NAME]))
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    publish(staging, directory, stale)
     return directory / weights
+
+
+def _refuse_nonfinite(tensors: dict[str, torch.Tensor], directory: Path) -> None:
+    bad = [key for key, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"export_merged: non-finite weights (NaN or inf) in {len(bad)} merged tensors "
+                         f"({', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}); nothing was written to {directory}. "
+                         f"The adapters diverged in training: export an earlier checkpoint (AdapterCheckpoint keeps "
+                         f"only finite saves), and lower the learning rate or keep the strategy's nonfinite='raise'.")

@@ -36,6 +36,7 @@ from .checkpoint import (  # noqa: F401 (CHECKPOINT_KEY, rng_states, set_rng_sta
     check_checkpoint_adapters,
     check_checkpoint_structure,
     checkpoint_meta,
+    is_save_directory,
     load_checkpoint_file,
     read_training_state,
     restore_rng_states,
@@ -187,7 +188,7 @@ class _PEFTSetup:
         """``torch.load(weights_only=True)`` unless the caller passes ``weights_only=False``
         (``trainer.fit(..., weights_only=False)`` for a file you trust): a checkpoint whose pickle
         would run code is refused with an error that says so."""
-        if Path(checkpoint_path).is_dir():  # an AdapterCheckpoint save directory
+        if is_save_directory(checkpoint_path):  # an AdapterCheckpoint save directory
             return read_training_state(checkpoint_path, weights_only=weights_only)
         parent = super()
         return load_checkpoint_file(checkpoint_path, weights_only=weights_only,
@@ -248,7 +249,7 @@ def restore_adapters(module: nn.Module, checkpoint_path, quantize: bool = True) 
     what was trained; ``quantize=False`` keeps the float base. Adapter keys and shapes are checked
     strictly, as on resume. The file is read with ``torch.load(weights_only=True)``: one whose
     pickle would run code is refused."""
-    if Path(checkpoint_path).is_dir():
+    if is_save_directory(checkpoint_path):
         checkpoint = read_training_state(checkpoint_path)
     else:
         from lightning.fabric.utilities.cloud_io import _load

@@ -6,16 +6,15 @@ sub-folders named after them, as PEFT does) plus ``training_state.ckpt``: Lightn
 (optimizers, schedulers, loops, callbacks, RNG states) with the adapter tensors only, no base
 weights. ``trainer.fit(model, ckpt_path=<that directory>)`` resumes from it.
 
-Each save is written to a hidden temporary directory beside its destination and renamed into
-place once complete: a crash mid-save leaves no directory that looks like a checkpoint, and the
-previous ones stay loadable.
+Each save is written to a hidden temporary directory beside its destination and swapped into
+place once complete and flushed to disk; pruned saves are renamed to a hidden name before they are
+deleted. A crash at any instant leaves every save (``last`` included) complete, old or new, and no
+incomplete directory under a save's name (docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,9 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from ..atomic import atomic_directory, remove_directory
 from ..checkpoint import (CHECKPOINT_KEY, TRAINING_STATE, adapter_state_keys, check_checkpoint_adapters, checkpoint_meta,
-                          read_training_state, restore_rng_states, save_adapter)
+                          is_save_directory, read_training_state, restore_rng_states, write_adapter_files)
 from ..fsdp import gathered_adapters
 from ..inject import adapter_configs, check_adapter_name
 from ..strategy import _PEFTSetup
@@ -42,7 +42,7 @@ class AdapterCheckpointIO(CheckpointIO):
         self.wrapped.save_checkpoint(checkpoint, path, storage_options=storage_options)
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
-        if Path(path).is_dir():
+        if is_save_directory(path):
             return read_training_state(path, map_location, weights_only)
         return self.wrapped.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
@@ -124,24 +124,16 @@ class AdapterCheckpoint(ModelCheckpoint):
 
     def _remove_checkpoint(self, trainer, filepath: str) -> None:
         if trainer.is_global_zero and os.path.isdir(filepath):
-            shutil.rmtree(filepath)
+            remove_directory(filepath)  # renamed aside first: never a half-deleted save under its name
 
 
 def _write_directory(path: Path, module, checkpoint: dict[str, Any], trainer=None) -> None:
-    """Write a complete save into a temporary directory, then rename it to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
-    tmp.mkdir()
-    try:
+    """Write a complete save into a temporary sibling, then swap it into place atomically
+    (:func:`lightning_peft.atomic.atomic_directory`): ``last`` and a re-saved step are at every
+    instant the complete old or the complete new save."""
+    with atomic_directory(path) as tmp:
         for index, name in enumerate(adapter_configs(module)):
             # a further adapter goes into a sub-folder named after it: the name must be one path component
             check_adapter_name(name)
-            save_adapter(module, tmp if index == 0 else tmp / name, name, trainer=trainer)
+            write_adapter_files(module, tmp if index == 0 else tmp / name, name, trainer=trainer)
         torch.save(checkpoint, tmp / TRAINING_STATE)
-        if path.exists():  # "last", or a re-save of the same step: swap, then drop the old one
-            os.rename(path, old)
-        os.rename(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
