@@ -48,6 +48,9 @@ from .inject import adapter_configs, adapter_modules, check_adapter_name, delete
 from .methods.base import DROPOUT_TYPES
 from .quantize import logical_numel, quant_config, quantize_base
 
+NONFINITE_MODES = ("raise", "skip")
+
+
 def _as_quant_config(quantization: None | str | QuantConfig) -> QuantConfig | None:
     if quantization is None or isinstance(quantization, QuantConfig):
         return quantization
@@ -73,10 +76,22 @@ class _PEFTSetup:
     def __init__(self, *args: Any, peft_config: AdapterConfig | None = None,
                  quantization: None | str | QuantConfig = None, adapter_name: str = "default",
                  checkpoint: str | os.PathLike | None = None, gradient_checkpointing: bool = False,
-                 empty_init: bool = True, compile: bool | dict = False, **kwargs: Any) -> None:
+                 empty_init: bool = True, compile: bool | dict = False, nonfinite: str = "raise",
+                 nonfinite_patience: int = 10, **kwargs: Any) -> None:
         if not isinstance(compile, (bool, dict)):
             raise TypeError(f"compile={compile!r}: use True (torch.compile's defaults), False, or a dict of "
                             f"torch.compile keyword arguments, e.g. {{'backend': 'inductor', 'mode': 'max-autotune'}}.")
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite={nonfinite!r}: use 'raise' (stop at the first NaN/inf loss or adapter gradient, "
+                             f"the default) or 'skip' (skip such steps, stop after nonfinite_patience in a row).")
+        if isinstance(nonfinite_patience, bool) or not isinstance(nonfinite_patience, int) or nonfinite_patience < 1:
+            raise ValueError(f"nonfinite_patience={nonfinite_patience!r}: give the number of non-finite steps in a row "
+                             f"(>= 1) after which nonfinite='skip' stops training.")
+        self.nonfinite = nonfinite
+        self.nonfinite_patience = nonfinite_patience
+        self.nonfinite_skipped = 0  # steps skipped so far (nonfinite="skip")
+        self._nonfinite_run = 0  # ... of them in a row, up to the current step
+        self._loss_not_finite: torch.Tensor | None = None  # on the device until the step: no sync per micro-batch
         if peft_config is not None and not isinstance(peft_config, AdapterConfig):
             raise TypeError(f"peft_config must be a lightning_peft adapter config (LoraConfig, IA3Config, BitFitConfig, "
                             f"PromptTuningConfig, PrefixTuningConfig, BottleneckConfig), got {type(peft_config).__name__}.")
@@ -175,6 +190,62 @@ class _PEFTSetup:
                 raise ValueError("configure_optimizers returned an optimizer with no trainable parameter after "
                                  "lightning-peft froze the base; pass self.parameters() (or the adapters) to it.")
 
+    # ----------------------------------------------------------------- non-finite training
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        output = super().training_step(*args, **kwargs)
+        loss = output.get("loss") if isinstance(output, Mapping) else output
+        if torch.is_tensor(loss) and loss.is_floating_point():
+            bad = ~torch.isfinite(loss.detach()).all()  # a device tensor: read once per optimizer step
+            self._loss_not_finite = bad if self._loss_not_finite is None else self._loss_not_finite | bad
+        return output
+
+    def optimizer_step(self, optimizer, closure, model=None, **kwargs: Any) -> Any:
+        def checked_closure() -> Any:
+            result = closure()  # forward and backward (gradients are all-reduced by now under DDP)
+            self._check_finite(optimizer)
+            return result
+
+        return super().optimizer_step(optimizer, checked_closure, model, **kwargs)
+
+    def _check_finite(self, optimizer) -> None:
+        """Before the optimizer applies a step: is the loss (of every micro-batch since the last step)
+        and every trainable gradient finite? One fused max-norm over the gradients, one read to the
+        host, one all-reduce of the verdict across ranks (so all stop, or skip, together)."""
+        loss_bad, self._loss_not_finite = self._loss_not_finite, None
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        flags = [] if loss_bad is None else [loss_bad.reshape(1).to(self.root_device)]
+        # under fp16 AMP, inf gradients are the GradScaler's business: it skips those steps itself
+        if params and getattr(self.precision_plugin, "scaler", None) is None:
+            grads = [g.to_local() if hasattr(g, "to_local") else g for g in (p.grad for p in params)]
+            norms = torch._foreach_norm(grads, float("inf"))
+            flags.append(~torch.isfinite(torch.stack([n.float() for n in norms])).all().reshape(1).to(self.root_device))
+        bad = bool(torch.cat(flags).any()) if flags else False
+        if not self.reduce_boolean_decision(bad, all=False):
+            self._nonfinite_run = 0
+            return
+        self._nonfinite_run += 1
+        trainer = self.lightning_module.trainer
+        what = _nonfinite_what(self.lightning_module, params, loss_bad)
+        where = f"global step {trainer.global_step} (epoch {trainer.current_epoch})"
+        if self.nonfinite == "skip" and self._nonfinite_run < self.nonfinite_patience:
+            self.nonfinite_skipped += 1
+            for p in params:  # no update this step: the optimizer skips parameters without a gradient
+                p.grad = None
+            rank_zero_warn(f"lightning-peft: non-finite {what} at {where}; step skipped (no optimizer update), "
+                           f"{self._nonfinite_run} in a row, {self.nonfinite_skipped} in all (nonfinite='skip' stops "
+                           f"after {self.nonfinite_patience} in a row).")
+            return
+        last = _last_checkpoint(trainer)
+        resume = (f"The last checkpoint saved, with finite adapters, is {last}: resume from it with "
+                  f"trainer.fit(..., ckpt_path={str(last)!r})." if last else
+                  "No checkpoint was saved yet (add lightning_peft.AdapterCheckpoint to the callbacks to keep one).")
+        cause = (f"{self._nonfinite_run} steps in a row were non-finite (nonfinite='skip', nonfinite_patience="
+                 f"{self.nonfinite_patience})" if self.nonfinite == "skip" else "this step was not applied")
+        raise NonFiniteTrainingError(
+            f"lightning-peft: non-finite {what} at {where}; training stopped ({cause}, the adapters hold the last "
+            f"finite values). {resume} Usual causes: a learning rate too high, fp16 overflow (train in bf16), a batch "
+            f"whose loss is empty or infinite. PEFTStrategy(..., nonfinite='skip') skips such steps instead.")
+
     # -------------------------------------------------------------------------- checkpoints
     def lightning_module_state_dict(self) -> dict[str, Any]:
         keys = adapter_state_keys(self.lightning_module)
@@ -204,6 +275,35 @@ class _PEFTSetup:
         module.load_state_dict(checkpoint["state_dict"], strict=False)
         # resume draws the same dropout masks as an uninterrupted run
         restore_rng_states(checkpoint.get(CHECKPOINT_KEY))
+
+
+class NonFiniteTrainingError(FloatingPointError):
+    """Training stopped at a NaN/inf loss or adapter gradient (``nonfinite="raise"``, or too many
+    skipped steps in a row with ``"skip"``); the message names the step and the last checkpoint."""
+
+
+def _nonfinite_what(module: nn.Module, params: list[torch.Tensor], loss_bad: torch.Tensor | None) -> str:
+    """Which values were not finite (computed only once a step is known to be bad)."""
+    parts = []
+    if loss_bad is not None and bool(loss_bad):
+        parts.append("loss")
+    names = {id(p): n for n, p in module.named_parameters()}
+    bad = [names.get(id(p), "?") for p in params
+           if not bool(torch.isfinite(p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad).all())]
+    if bad:
+        parts.append(f"gradient in {len(bad)} adapter tensors ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})")
+    return " and ".join(parts) or "loss or gradient on another rank"
+
+
+def _last_checkpoint(trainer) -> str | None:
+    """The newest checkpoint a checkpoint callback of ``trainer`` wrote that still exists."""
+    paths = set()
+    for callback in trainer.checkpoint_callbacks:
+        for attr in ("_last_checkpoint_saved", "last_model_path", "best_model_path"):
+            path = getattr(callback, attr, None)
+            if path and os.path.exists(path):
+                paths.add(path)
+    return max(paths, key=os.path.getmtime) if paths else None
 
 
 def _warn_if_adapter_dropout_is_off(module: nn.Module) -> None:

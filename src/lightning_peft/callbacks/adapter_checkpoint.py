@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from ..atomic import atomic_directory, remove_directory
 from ..checkpoint import (CHECKPOINT_KEY, TRAINING_STATE, adapter_state_keys, check_checkpoint_adapters, checkpoint_meta,
@@ -105,6 +106,33 @@ class AdapterCheckpoint(ModelCheckpoint):
         if meta and not isinstance(trainer.strategy, _PEFTSetup):
             check_checkpoint_adapters(pl_module, checkpoint)
             restore_rng_states(meta)
+
+    # a save of non-finite adapters is neither written nor ranked (best_adapter_path never points at one)
+    def _save_topk_checkpoint(self, trainer, monitor_candidates) -> None:
+        if self._adapters_finite(trainer):
+            super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+    def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
+        if self._adapters_finite(trainer):
+            super()._save_last_checkpoint(trainer, monitor_candidates)
+
+    def _adapters_finite(self, trainer) -> bool:
+        """Whether every adapter tensor is finite, decided on all ranks together (FSDP shards)."""
+        module = trainer.lightning_module
+        keys = adapter_state_keys(module)
+        tensors = [t.to_local() if hasattr(t, "to_local") else t
+                   for k, t in module.state_dict(keep_vars=True).items() if k in keys and t.is_floating_point()]
+        finite = True
+        if tensors:
+            norms = torch._foreach_norm([t.detach() for t in tensors], float("inf"))
+            finite = bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+        finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
+            rank_zero_warn(f"AdapterCheckpoint: the adapters hold non-finite values (NaN/inf) at global step "
+                           f"{trainer.global_step}; not saved and not ranked. The last finite save stays: "
+                           f"{self._last_checkpoint_saved or 'none yet'}. (lightning-peft strategies stop at the first "
+                           f"non-finite step by default; this run's strategy let one through.)")
+        return finite
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
