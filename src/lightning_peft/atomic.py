@@ -312,8 +312,7 @@ def atomic_directory(path: str | os.PathLike, owned: Collection[str] = ("*",)) -
             pass  # tmp now holds the old version
         else:
             old = _hidden(path, "old")
-            os.rename(path, old)
-            _fsync_dir(path.parent)
+            os.rename(path, old)  # from here to the next rename, path is missing: recover_directory covers it
             os.rename(tmp, path)
             tmp = old
         _fsync_dir(path.parent)
