@@ -142,8 +142,8 @@ def _serve_versions(kind: str, trials: int, workdir: Path, rng: random.Random) -
     target = workdir / kind
     if kind == "save_adapter":
         refs = {name: _logits(m) for name, m in versions.items()}
-        save = lambda m: lp.save_adapter(m, target)  # noqa: E731
-        check = lambda: _check_save_adapter(target, refs)  # noqa: E731
+        save = lambda m: lp.save_adapter(m, target)
+        check = lambda: _check_save_adapter(target, refs)
     else:
         import torch
 
@@ -157,8 +157,8 @@ def _serve_versions(kind: str, trials: int, workdir: Path, rng: random.Random) -
 
             probe.load_state_dict(load_file(str(workdir / f"ref-{name}" / "model.safetensors")))
             refs[name] = _logits(probe.eval())
-        save = lambda m: lp.export_merged(m, target, dtype=torch.float32)  # noqa: E731
-        check = lambda: _check_export(target, refs, rank_of)  # noqa: E731
+        save = lambda m: lp.export_merged(m, target, dtype=torch.float32)
+        check = lambda: _check_export(target, refs, rank_of)
     started = time.perf_counter()
     for _ in range(5):
         save(versions["new"])

@@ -20,7 +20,8 @@ weights, a merged export, an ``AdapterCheckpoint`` save):
 Deleting a save (:func:`remove_directory`, used for pruning) renames it to ``.NAME.trash-<hex>``
 first, then deletes that, so a half-deleted save never sits under a name that looks like a save.
 Hidden leftovers of an interrupted save or delete are removed by the next save of the same name
-(:func:`clean_leftovers`), and loaders refuse them by name (:func:`refuse_leftover`).
+(:func:`clean_leftovers`; ``AdapterCheckpoint`` cleans its whole folder, :func:`clean_folder`), and
+loaders refuse them by name (:func:`refuse_leftover`).
 
 Full or read-only disks (``ENOSPC``, ``EDQUOT``, ``EROFS``, and the ways torch and safetensors
 report them) surface as one :class:`StorageFullError` naming the path; the previous version stays.
@@ -191,6 +192,17 @@ def clean_leftovers(path: Path) -> None:
     recover_directory(path)
     for leftover in leftovers(path):
         _rmtree(leftover)
+
+
+def clean_folder(folder: str | os.PathLike) -> None:
+    """:func:`clean_leftovers` for every name in ``folder`` that has leftovers (a folder of saves,
+    such as ``AdapterCheckpoint``'s, where a pruned or renamed save is not written again)."""
+    try:
+        names = {m["name"] for m in map(_LEFTOVER.match, os.listdir(folder)) if m}
+    except FileNotFoundError:
+        return
+    for name in names:
+        clean_leftovers(Path(folder) / name)
 
 
 def _fsync_tree(root: Path) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch

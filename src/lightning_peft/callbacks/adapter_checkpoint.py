@@ -23,7 +23,7 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from ..atomic import atomic_directory, remove_directory
+from ..atomic import atomic_directory, clean_folder, remove_directory
 from ..checkpoint import (CHECKPOINT_KEY, TRAINING_STATE, adapter_state_keys, check_checkpoint_adapters, checkpoint_meta,
                           is_save_directory, read_training_state, restore_rng_states, write_adapter_files)
 from ..fsdp import gathered_adapters
@@ -159,6 +159,7 @@ def _write_directory(path: Path, module, checkpoint: dict[str, Any], trainer=Non
     """Write a complete save into a temporary sibling, then swap it into place atomically
     (:func:`lightning_peft.atomic.atomic_directory`): ``last`` and a re-saved step are at every
     instant the complete old or the complete new save."""
+    clean_folder(path.parent)  # leftovers of saves killed mid-write or mid-prune, whatever their name
     with atomic_directory(path) as tmp:
         for index, name in enumerate(adapter_configs(module)):
             # a further adapter goes into a sub-folder named after it: the name must be one path component
