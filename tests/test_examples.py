@@ -46,3 +46,15 @@ def test_serve_adapters_mixed_batch_answers_each_row_as_its_adapter_alone():
     assert result["accuracy"] >= 0.9 and result["base_accuracy"] <= 0.25  # the adapters learned; the base did not
     assert result["logit_diff"] <= 1e-5 and result["same_tokens"]
     assert result["swapped_accuracy"] >= 0.9 and result["pointers_kept"]
+
+
+def test_sft_chat_example_trains_guards_exports(tmp_path):
+    main = runpy.run_path(str(ROOT / "examples" / "sft_chat.py"))["main"]
+    result = main(["--steps", "3", "--examples", "120", "--out", str(tmp_path)])
+    stats = result["stats"]
+    assert stats["records read"] == 123 and stats["overlapping eval (dropped)"] >= 3  # the three leaked items
+    assert (Path(result["adapter"]) / "adapter_model.safetensors").is_file()
+    assert (Path(result["merged"]) / "model.safetensors").is_file()
+    review = Path(result["review"]).read_text()
+    assert review.count("## example") == 50 and "<|im_end|>" in review
+    assert result["last_loss"] < result["first_loss"]

@@ -95,7 +95,7 @@ class CausalLMModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"] + ([] if isinstance(base, (str, os.PathLike)) else ["base"]))
         if isinstance(base, (str, os.PathLike)):
-            self.model = load_causal_lm(base, dtype, attn_implementation)
+            self.model = load_causal_lm(base, dtype, attn_implementation).train()  # from_pretrained gives eval mode
             if tokenizer is None and any((Path(base) / f).is_file() for f in ("tokenizer.json",
                                                                                "tokenizer_config.json")):
                 tokenizer = base

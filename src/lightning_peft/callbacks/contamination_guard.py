@@ -17,8 +17,9 @@ compared, not boilerplate:
 - with a ``tokenizer``, token-id examples are split at its special tokens (``<|im_start|>``,
   ``<|eot_id|>``, ...): no n-gram spans a template marker;
 - an n-gram held by more than ``boilerplate`` (default 5%) of all the examples (training and
-  evaluation together, and at least 3 of them) is boilerplate: role headers, a shared system
-  prompt, a fixed instruction. The tokens such n-grams cover are cut out, like special tokens, so
+  evaluation together, and at least 3 of them) is boilerplate: a shared system prompt, a fixed
+  instruction; so is a 4-gram held by more than half of them: the template's role headers
+  (``<|im_end|>\n<|im_start|>assistant\n``), even between contents that differ. The tokens such n-grams cover are cut out, like special tokens, so
   that no n-gram straddles the template and the start of a message either. What is left are runs
   of content; a run shorter than ``ngram`` (a short message) is compared whole: it matches the
   same whole run elsewhere (unless that run is itself boilerplate, e.g. "Sure!" everywhere).
@@ -68,6 +69,7 @@ _FORMATS = ("token ids (a list or 1-D tensor of ints, or a dict with 'input_ids'
             "with 'text')")
 _MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _BASE = np.uint64(0x9E3779B97F4A7C15)  # odd: invertible mod 2^64
+_MARKER_LENGTH, _MARKER_SHARE = 4, 0.5  # 4-grams in over half the examples are template markers
 _SEPARATOR = "\x1e"  # between the messages of a chat record: no n-gram crosses it
 _BREAK = -1  # its token: never a real token id, and no n-gram holds it
 
@@ -354,19 +356,23 @@ class _Windows:
         marks = np.concatenate([[0], np.cumsum(blocked)])
         return self.inside & (marks[self.n:self.n + self.windows] == marks[:self.windows])
 
-    def hashes(self, common: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """``(hashes, owners)``: the n-grams free of cut positions, and of the positions that a
-        ``common`` (boilerplate) n-gram covers; plus one hash per run of free positions shorter than
-        ``n`` between such blocked positions (a short message: it matches only the same whole run)."""
-        blocked = self.cut
-        if common is not None and len(common) and self.windows:
-            hit = self._free(self.cut) & np.isin(self.h, common)
-            starts = np.concatenate([[0], np.cumsum(hit)])  # covered: some hit window starts in [p - n + 1, p]
-            p = np.arange(self.total)
-            covered = starts[np.minimum(p + 1, self.windows)] - starts[np.clip(p - self.n + 1, 0, self.windows)] > 0
-            blocked = blocked | covered
+    def covered(self, common: np.ndarray, blocked: np.ndarray) -> np.ndarray:
+        """The positions that a free window whose hash is in ``common`` covers."""
+        if not len(common) or not self.windows:
+            return np.zeros(self.total, bool)
+        hit = self._free(blocked) & np.isin(self.h, common)
+        starts = np.concatenate([[0], np.cumsum(hit)])  # covered: some hit window starts in [p - n + 1, p]
+        p = np.arange(self.total)
+        return starts[np.minimum(p + 1, self.windows)] - starts[np.clip(p - self.n + 1, 0, self.windows)] > 0
+
+    def hashes(self, blocked: np.ndarray, short: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """``(hashes, owners)``: the n-grams free of ``blocked`` positions (cut, or covered by
+        boilerplate); plus, with ``short``, one hash per run of free positions shorter than ``n``
+        between blocked positions (a short message: it matches only the same whole run)."""
         free = self._free(blocked) if self.windows else self.inside
         h, owner = self.h[free], self.owner_at[:self.windows][free]
+        if not short:
+            return h, owner
         short_h, short_owner = self._short_runs(blocked)
         return np.concatenate([h, short_h]), np.concatenate([owner, short_owner])
 
@@ -420,12 +426,21 @@ def _find(train: list[np.ndarray], eval: list[np.ndarray], n: int, boilerplate: 
     matched_short = {train[i].tobytes() for i in matches}
     eval_hit = {j for j, s in enumerate(eval) if 0 < len(s) < n and s.tobytes() in matched_short}
 
-    sides = _Windows(train, n, special), _Windows(eval, n, special)
     examples = len(train) + len(eval)
-    common = _boilerplate(*(side.hashes() for side in sides), boilerplate, examples)
-    (train_hash, train_owner), (eval_hash, eval_owner) = (side.hashes(common) for side in sides)
+    sides = _Windows(train, n, special), _Windows(eval, n, special)
+    blocked = [side.cut for side in sides]
+    common_markers = np.zeros(0, np.uint64)
+    if boilerplate < 1:  # template markers: short k-grams in most examples (role headers between contents)
+        k = min(_MARKER_LENGTH, n)
+        short_sides = sides if k == n else (_Windows(train, k, special), _Windows(eval, k, special))
+        common_markers = _boilerplate(*(side.hashes(side.cut, short=False) for side in short_sides),
+                                      _MARKER_SHARE, examples)
+        blocked = [b | side.covered(common_markers, side.cut) for b, side in zip(blocked, short_sides)]
+    common = _boilerplate(*(side.hashes(b) for side, b in zip(sides, blocked)), boilerplate, examples)
+    blocked = [b | side.covered(common, b) for b, side in zip(blocked, sides)]
+    (train_hash, train_owner), (eval_hash, eval_owner) = (side.hashes(b) for side, b in zip(sides, blocked))
     common_runs = _boilerplate((train_hash, train_owner), (eval_hash, eval_owner), boilerplate, examples)
-    ignored = len(common) + len(common_runs)
+    ignored = len(common_markers) + len(common) + len(common_runs)
     if len(common_runs):  # whole short runs shared by many examples (a role name, "Sure!")
         keep = ~np.isin(train_hash, common_runs)
         train_hash, train_owner = train_hash[keep], train_owner[keep]
