@@ -120,7 +120,8 @@ class LoraMHALayer(LoraLayer):
         base = self.base_layer
         if not isinstance(base.out_proj, LoraLayer):  # wrapped with the first adapter, unwrapped with the last
             base.out_proj = LoraLayer(base.out_proj)
-        self.out_layer.add_adapter(name, r, lora_alpha, 0.0, use_rslora, False, init_lora_weights)
+        self.out_layer.add_adapter(name, r=r, lora_alpha=lora_alpha, use_rslora=use_rslora,
+                                   init_lora_weights=init_lora_weights)
 
     def remove_adapter(self, name: str) -> None:
         super().remove_adapter(name)
