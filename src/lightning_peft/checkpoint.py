@@ -12,6 +12,7 @@ sha256 of each tensor file (PEFT ignores the file); loading verifies it when pre
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -505,6 +506,63 @@ def check_checkpoint_structure(checkpoint: Mapping[str, Any]) -> None:
             QuantConfig.from_dict(dict(meta["quantization"]))
     except (TypeError, ValueError, AttributeError) as err:
         raise ValueError(f"the checkpoint records invalid adapter settings: {err}") from None
+
+
+def _fields(config: Any) -> Any:
+    """Every field of an adapter config (a recorded dict or a config object), defaults included, so
+    that a field written only when set (``use_rslora``) compares as its value."""
+    if isinstance(config, Mapping):
+        try:
+            config = config_from_dict(dict(config))
+        except (TypeError, ValueError):
+            return dict(config)
+    if dataclasses.is_dataclass(config):
+        return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    return config.to_dict()
+
+
+def _field_differences(saved: Any, own: Any, where: str) -> list[str]:
+    if not (isinstance(saved, dict) and isinstance(own, dict)):
+        return [] if saved == own else [f"{where}: checkpoint {saved!r}, strategy {own!r}"]
+    return [f"{where}{key}: checkpoint {saved.get(key)!r}, strategy {own.get(key)!r}"
+            for key in sorted(saved.keys() | own.keys(), key=str) if saved.get(key) != own.get(key)]
+
+
+def check_resume_config(module: nn.Module, checkpoint: Mapping[str, Any]) -> None:
+    """Refuse to resume when the adapter configs or the quantization recorded in ``checkpoint``
+    differ from ``module``'s (what the strategy set up): one ``ValueError`` lists every differing
+    field (``lora_alpha: checkpoint 32, strategy 64``). Keys and shapes alone would let a changed
+    ``lora_alpha``, ``use_rslora`` or quantization through: the run would go on computing another
+    function than the one trained."""
+    meta = checkpoint.get(CHECKPOINT_KEY)
+    if not isinstance(meta, Mapping):
+        return  # not ours: check_checkpoint_adapters names what is missing
+    lines = []
+    saved_adapters = meta.get("adapters")
+    own_adapters = dict(adapter_configs(module))
+    if isinstance(saved_adapters, Mapping):
+        for name in sorted(saved_adapters.keys() - own_adapters.keys()):
+            lines.append(f"adapter {name!r}: in the checkpoint, not in this run")
+        for name in sorted(own_adapters.keys() - saved_adapters.keys()):
+            lines.append(f"adapter {name!r}: in this run, not in the checkpoint")
+        for name in sorted(saved_adapters.keys() & own_adapters.keys()):
+            prefix = "" if len(own_adapters) == 1 else f"adapter {name!r} "
+            lines += _field_differences(_fields(saved_adapters[name]), _fields(own_adapters[name]), prefix)
+    if "quantization" in meta:
+        quant = quant_config(module)
+        saved_quant, own_quant = meta["quantization"], None if quant is None else quant.to_dict()
+        if saved_quant is None or own_quant is None:
+            if saved_quant != own_quant:
+                describe = lambda q: "none (float base)" if q is None else f"{q.get('quant_type')} ({q})"  # noqa: E731
+                lines.append(f"quantization: checkpoint {describe(saved_quant)}, strategy {describe(own_quant)}")
+        else:
+            lines += _field_differences(saved_quant, own_quant, "quantization.")
+    if lines:
+        raise ValueError("cannot resume: this run's adapter configuration differs from the checkpoint's, so it would "
+                         "continue training a different function than the one saved:\n  " + "\n  ".join(lines) +
+                         "\nResume with the settings the checkpoint was written with (the strategy's peft_config and "
+                         "quantization; e.g. strategy='qlora' vs 'lora'), or start a new run from its adapters "
+                         "(lightning_peft.load_adapter(..., trainable=True), then fit without ckpt_path).")
 
 
 def check_checkpoint_adapters(module: nn.Module, checkpoint: Mapping[str, Any]) -> None:

@@ -36,7 +36,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
-from .checkpoint import (CHECKPOINT_KEY, adapter_state_keys, check_checkpoint_adapters, is_save_directory,
+from .checkpoint import (CHECKPOINT_KEY, adapter_state_keys, check_checkpoint_adapters, check_checkpoint_structure,
+                         check_resume_config, is_save_directory,
                          read_training_state,
                          restore_rng_states)
 from .config import QuantConfig
@@ -186,6 +187,8 @@ class PEFTFSDPStrategy(_PEFTSetup, ModelParallelStrategy):
         checkpoint = (read_training_state(path, weights_only=weights_only) if is_save_directory(path)
                       else _load(path, map_location="cpu", weights_only=weights_only))
         module = self.lightning_module
+        check_checkpoint_structure(checkpoint)
+        check_resume_config(module, checkpoint)
         check_checkpoint_adapters(module, checkpoint)  # full (global) shapes against the file's
         self._load_adapter_tensors(checkpoint["state_dict"])
         for optimizer, state in zip(self.optimizers, checkpoint.get("optimizer_states", [])):

@@ -34,6 +34,7 @@ from .checkpoint import (  # noqa: F401 (CHECKPOINT_KEY, rng_states, set_rng_sta
     adapter_state_keys,
     check_checkpoint_adapters,
     check_checkpoint_structure,
+    check_resume_config,
     checkpoint_meta,
     is_save_directory,
     load_checkpoint_file,
@@ -48,6 +49,9 @@ from .methods.base import DROPOUT_TYPES
 from .quantize import logical_numel, quant_config, quantize_base
 
 NONFINITE_MODES = ("raise", "skip")
+# per-parameter optimizer state keys only bitsandbytes writes (its state_dict packs state1/state2/absmax
+# into the quant-state entry)
+_BNB_STATE_KEYS = {"state1", "state2", "__bnb_optimizer_quant_state__"}
 
 
 def _as_quant_config(quantization: None | str | QuantConfig) -> QuantConfig | None:
@@ -246,6 +250,10 @@ class _PEFTSetup:
             f"whose loss is empty or infinite. PEFTStrategy(..., nonfinite='skip') skips such steps instead.")
 
     # -------------------------------------------------------------------------- checkpoints
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        check_optimizer_kind(self.optimizers, checkpoint)
+        super().load_optimizer_state_dict(checkpoint)
+
     def lightning_module_state_dict(self) -> dict[str, Any]:
         keys = adapter_state_keys(self.lightning_module)
         return {k: v for k, v in super().lightning_module_state_dict().items() if k in keys}
@@ -267,6 +275,8 @@ class _PEFTSetup:
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         module = self.lightning_module
         try:
+            check_checkpoint_structure(checkpoint)
+            check_resume_config(module, checkpoint)
             check_checkpoint_adapters(module, checkpoint)
         except ValueError as err:  # name the file: the user passed it as ckpt_path
             path = getattr(module._trainer, "ckpt_path", None) if module._trainer is not None else None
@@ -274,6 +284,27 @@ class _PEFTSetup:
         module.load_state_dict(checkpoint["state_dict"], strict=False)
         # resume draws the same dropout masks as an uninterrupted run
         restore_rng_states(checkpoint.get(CHECKPOINT_KEY))
+
+
+def check_optimizer_kind(optimizers: list, checkpoint: Mapping[str, Any]) -> None:
+    """Refuse, with the fix, a resume whose optimizer cannot read the saved optimizer state: a
+    bitsandbytes state (``__bnb_optimizer_quant_state__``, written under the ``PagedOptimizer`` callback) loaded
+    into torch's AdamW fails at its first step with ``KeyError: 'exp_avg'``. (The reverse, torch's
+    state into a bitsandbytes optimizer, is refused by ``PagedOptimizer`` itself.)"""
+    states = checkpoint.get("optimizer_states") or []
+    paged = [v.get("optimizer") for k, v in (checkpoint.get("callbacks") or {}).items()
+             if str(k).startswith("PagedOptimizer") and isinstance(v, Mapping)]
+    for index, (optimizer, state) in enumerate(zip(optimizers, states)):
+        per_param = state.get("state", {}) if isinstance(state, Mapping) else {}
+        saved_bnb = any(isinstance(s, Mapping) and bool(_BNB_STATE_KEYS & s.keys()) for s in per_param.values())
+        if saved_bnb and not type(optimizer).__module__.startswith("bitsandbytes"):
+            name = paged[0] if paged else "paged_adamw_8bit"
+            raise ValueError(f"cannot resume optimizer {index}: the checkpoint holds bitsandbytes optimizer state "
+                             f"(written with the PagedOptimizer callback{f', optimizer={name!r}' if paged else ''}), and "
+                             f"this run's optimizer is {type(optimizer).__module__}.{type(optimizer).__name__}, which "
+                             f"cannot read it. Resume with callbacks=[lightning_peft.callbacks.PagedOptimizer("
+                             f"optimizer={name!r})] as in the run that wrote it, or start a new run from its adapters "
+                             f"(fit without ckpt_path).")
 
 
 class NonFiniteTrainingError(FloatingPointError):

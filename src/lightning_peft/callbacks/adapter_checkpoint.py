@@ -24,7 +24,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from ..atomic import atomic_directory, clean_folder, remove_directory
-from ..checkpoint import (CHECKPOINT_KEY, TRAINING_STATE, adapter_state_keys, check_checkpoint_adapters, checkpoint_meta,
+from ..checkpoint import (CHECKPOINT_KEY, TRAINING_STATE, adapter_state_keys, check_checkpoint_adapters,
+                          check_checkpoint_structure, check_resume_config, checkpoint_meta,
                           is_save_directory, read_training_state, restore_rng_states, write_adapter_files)
 from ..fsdp import gathered_adapters
 from ..inject import adapter_configs, check_adapter_name
@@ -104,6 +105,8 @@ class AdapterCheckpoint(ModelCheckpoint):
         # our strategies restore the RNG states themselves; under any other strategy do it here
         meta = checkpoint.get(CHECKPOINT_KEY)
         if meta and not isinstance(trainer.strategy, _PEFTSetup):
+            check_checkpoint_structure(checkpoint)
+            check_resume_config(pl_module, checkpoint)
             check_checkpoint_adapters(pl_module, checkpoint)
             restore_rng_states(meta)
 
