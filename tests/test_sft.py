@@ -43,6 +43,9 @@ def test_chat_template_guard_learns_markers_without_english_words(style):
     t = guard.template
     assert (tokenizer.decode(t.bos), tokenizer.decode(t.header), tokenizer.decode([t.end])) == (bos, header, end)
     guard.check_batch(_batch(tokenizer, conversations(4, seed=1, system=SYSTEM, turns=2)))
+    # words the vocabulary lacks are the data's <unk>, not foreign markup, inside prompts and replies alike
+    unknown = [{"role": "user", "content": "kaka Hello zuzu"}, {"role": "assistant", "content": "momo World"}]
+    guard.check_batch(_batch(tokenizer, [unknown]))
 
 
 def _faults(tokenizer):

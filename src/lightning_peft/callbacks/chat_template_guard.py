@@ -108,6 +108,9 @@ class ChatTemplate:
                    specials=frozenset(special & set(two + system)), example=example)
 
 
+_ROLE_NAMES = {"system", "user", "assistant", "tool", "model", "human", "gpt", "bot"}  # templates write these
+
+
 def _sentinels(tokenizer, k: int) -> list[str]:
     """``k`` distinct words of the tokenizer's own vocabulary (the last ids first: rare words, not
     template pieces) that tokenize to ordinary tokens: no special token, no ``<unk>``."""
@@ -118,7 +121,7 @@ def _sentinels(tokenizer, k: int) -> list[str]:
         if token_id in special:
             continue
         word = tokenizer.decode([token_id]).strip()
-        if not word.isalnum() or word in found:
+        if not word.isalnum() or word in found or word.lower() in _ROLE_NAMES:
             continue
         ids = tokenizer(word, add_special_tokens=False)["input_ids"]
         if ids and not special & set(ids):
@@ -218,7 +221,9 @@ class ChatTemplateGuard(Callback):
         if not starts:
             return (f"not rendered with this tokenizer's chat template: the assistant header {show(t.header)} never "
                     f"occurs.", render + ".")
-        foreign = sorted({token for token in ids if token in self._special_ids} - t.specials - {self._pad_id})
+        # <unk> is the data's (characters the vocabulary lacks), not markup
+        foreign = sorted({token for token in ids if token in self._special_ids} - t.specials
+                         - {self._pad_id, self.tokenizer.unk_token_id})
         if foreign:
             return (f"holds {show(foreign)}, special tokens this chat template never writes (rendered with another "
                     f"model's template, or by hand).", render + ".")
@@ -229,7 +234,8 @@ class ChatTemplateGuard(Callback):
                     f"already started with it.", "tokenize the rendered text with add_special_tokens=False.")
         spans = []
         for start in (s + len(t.header) for s in starts):
-            close = next((k for k in range(start, len(ids)) if ids[k] in self._special_ids), None)
+            close = next((k for k in range(start, len(ids))
+                          if ids[k] in self._special_ids and ids[k] != self.tokenizer.unk_token_id), None)
             if close is None or ids[close] != t.end:
                 return (f"an assistant reply is not closed by {show([t.end])} (truncated at the maximum length?).",
                         "raise the maximum length, or drop the samples longer than it instead of truncating them.")

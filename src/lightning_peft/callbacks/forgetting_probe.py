@@ -117,13 +117,15 @@ class ForgettingProbe(Callback):
                  loss_fn: LossFn | None = None, task_metric: str | None = "val_loss", tokenizer: Any = None,
                  batch_size: int = 8, max_length: int = 1024) -> None:
         self.tokenizer, self.batch_size, self.max_length = tokenizer, batch_size, max_length
-        if isinstance(dataloader, (str, os.PathLike)):  # a JSONL file (YAML configs): built at fit start
-            if not Path(dataloader).is_file():
+        if isinstance(dataloader, (str, os.PathLike)) and (Path(dataloader).suffix in (".jsonl", ".json")
+                                                          or Path(dataloader).is_file()):
+            if not Path(dataloader).is_file():  # a JSONL file (YAML configs): built at fit start
                 raise ValueError(f"ForgettingProbe(dataloader={str(dataloader)!r}): no such file. Give a JSONL file "
                                  f"of probe records ({{'text': ...}}, or chat {{'messages': [...]}}), or a DataLoader.")
-        elif isinstance(dataloader, bytes) or not isinstance(dataloader, Iterable):
+        elif isinstance(dataloader, (str, bytes)) or not isinstance(dataloader, Iterable):
             raise TypeError(f"ForgettingProbe(dataloader=...) needs an iterable of probe batches (a DataLoader of "
-                            f"token-id tensors or dicts with 'input_ids'), not {type(dataloader).__name__}.")
+                            f"token-id tensors or dicts with 'input_ids') or the path of a JSONL file of probe "
+                            f"records, not {type(dataloader).__name__} {str(dataloader)[:80]!r}.")
         if isinstance(max_regression, bool) or not isinstance(max_regression, (int, float)) or not max_regression >= 0:
             raise ValueError(f"ForgettingProbe(max_regression={max_regression!r}): give a relative loss increase "
                              f">= 0, e.g. 0.05 for 5% above the base model's probe loss.")

@@ -210,9 +210,9 @@ class ChatDataModule(L.LightningDataModule):
         stats.update(self._decontaminate(train, tokenizer, {"the validation split": val} if val else {}))
         train = [r for i, r in enumerate(train) if i not in self._contaminated]
         self.train_records, self.val_records = train, val
-        train_tok, counts = self._tokenize(train, tokenizer)
+        train_tok, counts = self._tokenize(train, tokenizer, "training")
         stats.update({f"train: {k}": v for k, v in counts.items()})
-        val_tok, counts = self._tokenize(val, tokenizer)
+        val_tok, counts = self._tokenize(val, tokenizer, "validation")
         stats.update({f"val: {k}": v for k, v in counts.items()})
         if not train_tok:
             raise ValueError(f"ChatDataModule: no training example is left ({stats}). Check max_length / overflow "
@@ -256,10 +256,15 @@ class ChatDataModule(L.LightningDataModule):
             out[f"overlapping {name} (dropped)"] = len(new)
         return out
 
-    def _tokenize(self, records: list, tokenizer) -> tuple[list[dict], dict[str, int]]:
+    def _tokenize(self, records: list, tokenizer, what: str) -> tuple[list[dict], dict[str, int]]:
         examples, dropped, long_kept, cut = [], 0, 0, 0
-        for record in records:
-            example = tokenize_example(record, tokenizer, self.max_length, self.overflow)
+        for k, record in enumerate(records):
+            try:
+                example = tokenize_example(record, tokenizer, self.max_length, self.overflow)
+            except (ValueError, TypeError) as err:
+                shown = json.dumps(record, ensure_ascii=False)
+                raise ValueError(f"ChatDataModule: {what} record {k} ({shown[:200]}{' ...' if len(shown) > 200 else ''}"
+                                 f"): {err}") from None
             if example is None:
                 dropped += 1
                 continue
