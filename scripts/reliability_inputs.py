@@ -1,6 +1,7 @@
 """The bad-input sweep: malformed adapter directories and checkpoints through every entry point.
 
-    python scripts/reliability_inputs.py          # a table of every input, then the totals
+    python scripts/reliability_inputs.py              # a table of every input, then the totals
+    python scripts/reliability_inputs.py --markdown   # one line per input (docs/reliability.md's table)
 
 Each input is built from a good save (a LoRA adapter of ``lightning_peft.toy.TinyCausalLM``, an
 ``AdapterCheckpoint`` directory and a ``.ckpt`` of one training step) by damaging one thing: the
@@ -157,7 +158,7 @@ class _RunsCode:
 
 def _pickled_adapter(d: Path) -> None:
     (d / "adapter_model.safetensors").unlink()
-    (d / "lightning_peft_checksums.json").unlink()
+    (d / "lightning_peft_checksums.json").unlink(missing_ok=True)
     torch.save({"x": _RunsCode(str(d.parent / f"{d.name}.ran"))}, d / "adapter_model.bin")
 
 
@@ -556,8 +557,24 @@ def print_table(rows: list[dict]) -> None:
         f"{summary[o]} {o}" for o in OUTCOMES))
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """One line per input: its outcome through each entry point it went through (docs/reliability.md)."""
+    entries = ("load_adapter", "inspect", "merge", "ckpt_path", "restore_adapters")
+    short = {"clear_error": "clear", "silent": "**silent**", "lost": "**lost**", "traceback": "**traceback**"}
+    by_input: dict[str, dict[str, str]] = {}
+    for row in rows:
+        by_input.setdefault(row["input"], {})[row["entry"]] = short[row["outcome"]]
+    lines = ["| input | " + " | ".join(f"`{e}`" for e in entries) + " |", "|---" + "|:-:" * len(entries) + "|"]
+    for name, outcomes in by_input.items():
+        lines.append(f"| {name.replace('|', '/')} | " + " | ".join(outcomes.get(e, "") for e in entries) + " |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     sweep = run_sweep()
+    if "--markdown" in sys.argv:
+        print(markdown_table(sweep))
+        sys.exit(0)
     print_table(sweep)
     result = totals(sweep)
     sys.exit(0 if result["silent"] == result["lost"] == result["traceback"] == 0 else 1)

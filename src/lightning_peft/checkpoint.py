@@ -197,6 +197,8 @@ def _verify_checksum(directory: Path, path: Path, data: bytes) -> None:
 
 def _read_weights(directory: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     path = directory / WEIGHTS_NAME
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{path} is not a regular file (a directory, device or pipe): not adapter weights.")
     if not path.is_file():
         pickled = [directory / n for n in PICKLE_NAMES if (directory / n).is_file()]
         if pickled and not allow_pickle:
@@ -265,6 +267,8 @@ def read_adapter_config(directory: Path, config_class: type[AdapterConfig] | Non
     refuse_leftover(directory)
     recover_directory(directory)
     config_path = directory / CONFIG_NAME
+    if config_path.exists() and not config_path.is_file():
+        raise ValueError(f"{config_path} is not a regular file (a directory, device or pipe): not an adapter config.")
     if not config_path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not an adapter directory "
                                 f"(save_adapter or PEFT's save_pretrained write one).")
