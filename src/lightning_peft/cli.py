@@ -42,25 +42,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
-from lightning.pytorch.cli import LightningCLI
 from rich.console import Console
 from rich.table import Table
 from torch import nn
 
 from . import __version__
-from .callbacks.rank_monitor import TOP_VALUES_SHOWN, effective_rank, factor_singular_values
 from .checkpoint import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, _read_weights, load_adapter, read_adapter_config
 from .config import QUANT_TYPES, AdapterConfig, LoraConfig, QuantConfig
 from .inject import _matches, _pattern_value
 from .merge import MANIFEST_NAME, export_merged
 from .methods.lora import lora_scaling
 from .quantize import quantize_base
-from .strategy import peft_target
+from .spectrum import TOP_VALUES_SHOWN, effective_rank, factor_singular_values
 
+# Lightning (fit & co., a LightningModule as --base), transformers (a model directory as --base) and
+# bitsandbytes (--quantize) are imported by the command that needs them: --help and inspect start
+# in about the time of ``import torch``.
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def __getattr__(name: str):  # names that need Lightning, built on first use
+    if name == "PEFTLightningCLI":
+        return _lightning_cli_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 EXIT_USAGE = 2
 
 
@@ -76,35 +81,47 @@ USER_ERRORS = (CLIError, OSError, ValueError, ImportError)
 # the classes of `model` / `data` when a config or the command line names none (`class_path`)
 DEFAULT_MODEL = "lightning_peft.CausalLMModule"
 DEFAULT_DATA = "lightning_peft.data.ChatDataModule"
+_CLI_CLASS: list = []
 
 
-class PEFTLightningCLI(LightningCLI):
-    """``LightningCLI`` with a ``RichProgressBar`` unless the config picked a progress bar or
-    turned it off (a second progress bar, or one with ``enable_progress_bar=False``, is an error
-    in Lightning, so the default cannot simply be appended). ``model`` and ``data`` default to
-    :class:`~lightning_peft.CausalLMModule` and :class:`~lightning_peft.data.ChatDataModule`:
-    ``--model.base DIR --data.train FILE.jsonl`` is a whole fine-tune."""
+def _lightning_cli_class():
+    """``PEFTLightningCLI``: defined on first use, as it subclasses Lightning's ``LightningCLI``."""
+    if _CLI_CLASS:
+        return _CLI_CLASS[0]
+    from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+    from lightning.pytorch.cli import LightningCLI
 
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}, "data": {"class_path": DEFAULT_DATA}})
+    class PEFTLightningCLI(LightningCLI):
+        """``LightningCLI`` with a ``RichProgressBar`` unless the config picked a progress bar or
+        turned it off (a second progress bar, or one with ``enable_progress_bar=False``, is an error
+        in Lightning, so the default cannot simply be appended). ``model`` and ``data`` default to
+        :class:`~lightning_peft.CausalLMModule` and :class:`~lightning_peft.data.ChatDataModule`:
+        ``--model.base DIR --data.train FILE.jsonl`` is a whole fine-tune."""
 
-    def before_instantiate_classes(self) -> None:
-        """The default ``data`` is left out when nothing was said about it (no ``--data.train``) and
-        the model is not the default one: a LightningModule with its own dataloaders runs as before."""
-        config = self.config.get(self.subcommand) if self.subcommand else self.config
-        data, model = config.get("data"), config.get("model")
-        if (data is not None and data.get("class_path") == DEFAULT_DATA
-                and (data.get("init_args") or {}).get("train") is None and model is not None
-                and model.get("class_path") != DEFAULT_MODEL):
-            config["data"] = None
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}, "data": {"class_path": DEFAULT_DATA}})
 
-    def instantiate_trainer(self, **kwargs: Any):
-        config = self._get(self.config_init, "trainer", default={})
-        callbacks = config.get("callbacks") or []
-        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            kwargs["callbacks"] = [*callbacks, RichProgressBar()]
-        return super().instantiate_trainer(**kwargs)
+        def before_instantiate_classes(self) -> None:
+            """The default ``data`` is left out when nothing was said about it (no ``--data.train``) and
+            the model is not the default one: a LightningModule with its own dataloaders runs as before."""
+            config = self.config.get(self.subcommand) if self.subcommand else self.config
+            data, model = config.get("data"), config.get("model")
+            if (data is not None and data.get("class_path") == DEFAULT_DATA
+                    and (data.get("init_args") or {}).get("train") is None and model is not None
+                    and model.get("class_path") != DEFAULT_MODEL):
+                config["data"] = None
+
+        def instantiate_trainer(self, **kwargs: Any):
+            config = self._get(self.config_init, "trainer", default={})
+            callbacks = config.get("callbacks") or []
+            callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+            if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+                kwargs["callbacks"] = [*callbacks, RichProgressBar()]
+            return super().instantiate_trainer(**kwargs)
+
+    PEFTLightningCLI.__module__ = __name__
+    _CLI_CLASS.append(PEFTLightningCLI)
+    return PEFTLightningCLI
 
 
 def run_lightning(argv: list[str], from_sys_argv: bool = False) -> int:
@@ -118,7 +135,7 @@ def run_lightning(argv: list[str], from_sys_argv: bool = False) -> int:
               f"'jsonargparse[signatures]>=4.39'", file=sys.stderr)
         return EXIT_USAGE
     try:
-        PEFTLightningCLI(args=None if from_sys_argv else argv, parser_kwargs={"prog": "lightning-peft"})
+        _lightning_cli_class()(args=None if from_sys_argv else argv, parser_kwargs={"prog": "lightning-peft"})
     except USER_ERRORS as err:
         if not _about_input(err):
             raise  # an error of the LightningModule's own code keeps its traceback
@@ -456,8 +473,12 @@ def load_base(spec: str) -> nn.Module:
         built = built()
     if not isinstance(built, nn.Module):
         raise CLIError(f"--base {spec} gave a {type(built).__name__}, not a torch.nn.Module.")
+    from lightning.pytorch import LightningModule  # a module built by the spec: Lightning is loaded then
+
     if isinstance(built, LightningModule):
         built.configure_model()  # Lightning builds large models there, before the strategy's setup
+        from .strategy import peft_target
+
         built = peft_target(built)
     return built.eval()
 

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward"))
 
-import bitsandbytes as bnb  # noqa: E402
-import bitsandbytes.functional as bnb_functional  # noqa: E402
+import importlib  # noqa: E402
+import sys  # noqa: E402
+
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
@@ -36,8 +37,25 @@ from .modules import find_attribute, is_adapter_module, output_heads, replace_mo
 QUANT_CONFIG_ATTR = "lp_quant_config"
 
 
+class _Deferred:
+    """A module imported on first attribute access: bitsandbytes takes seconds to import (it
+    loads its native libraries), which a float-only run or ``lightning-peft --help`` should not pay."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        return getattr(importlib.import_module(self._name), attr)
+
+
+bnb = _Deferred("bitsandbytes")
+bnb_functional = _Deferred("bitsandbytes.functional")
+
+
 def is_quantized(module: nn.Module) -> bool:
     """True for the bitsandbytes layers :func:`quantize_base` creates."""
+    if "bitsandbytes" not in sys.modules:  # not imported yet: no module can be one of its layers
+        return False
     return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
 

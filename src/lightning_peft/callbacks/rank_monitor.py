@@ -23,39 +23,16 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from rich.console import Console
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from rich.table import Table
 
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from ..inject import adapter_configs, adapter_modules
 from ..methods import LoraLayer
+from ..spectrum import (TOP_VALUES_SHOWN, delta_singular_values, effective_rank,  # noqa: F401 (re-exported)
+                        factor_singular_values)
 
-TOP_VALUES_SHOWN = 5
 METHOD_NAMES = {"ia3": "(IA)^3", "bitfit": "BitFit", "prompt": "prompt tuning", "prefix": "prefix tuning",
                 "bottleneck": "a bottleneck adapter"}
-
-
-def factor_singular_values(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Singular values of ``scaling * B @ A`` (``A: [r, in]``, ``B: [out, r]``), descending, fp32,
-    from two thin QR factorisations: the ``[out, in]`` product is never formed."""
-    _, r_b = torch.linalg.qr(B.detach().float())
-    _, r_a = torch.linalg.qr(A.detach().float().t())
-    return abs(scaling) * torch.linalg.svdvals(r_b @ r_a.t())
-
-
-def delta_singular_values(layer: LoraLayer, adapter_name: str) -> torch.Tensor:
-    """Singular values of ``s B A`` for ``adapter_name`` of ``layer``, descending, ``[min(r, out, in)]`` fp32."""
-    A, B = layer._factors(adapter_name)
-    return factor_singular_values(A, B, layer.scaling[adapter_name])
-
-
-def effective_rank(sigma: torch.Tensor, energy: float) -> int:
-    """Smallest ``k`` whose top-``k`` squared singular values hold ``energy`` of their sum (0 if all are 0)."""
-    power = sigma.double().pow(2)
-    total = power.sum()
-    if total == 0:
-        return 0
-    # the tolerance keeps an exact split (energy 0.75 of four equal values) at k=3, not 4
-    return int((power.cumsum(0) < energy * total * (1 - 1e-9)).sum().item()) + 1
 
 
 class RankMonitor(Callback):
