@@ -68,18 +68,42 @@ def __dir__() -> list[str]:
 
 
 # The strategy names ("lora", "qlora", ...) are registered with Lightning on ``import
-# lightning_peft``: at once when Lightning is loaded already, else right after ``lightning.pytorch``
-# finishes loading (a one-shot import hook), so that importing lightning_peft alone stays cheap.
-def _register_strategies() -> None:
-    from .strategy import register_strategies
+# lightning_peft`` without importing Lightning: once ``lightning.pytorch`` is loaded (now, or later:
+# a one-shot import hook), its ``StrategyRegistry`` registers them on its first lookup (a Trainer
+# resolving ``strategy="qlora"``, ``"qlora" in StrategyRegistry``), when every import is complete.
+def _register_on_first_lookup() -> None:
+    from lightning.pytorch.strategies import StrategyRegistry
 
-    register_strategies()
+    original = type(StrategyRegistry)
+    if getattr(original, "_lightning_peft_pending", False):
+        return
+
+    def ensure(registry) -> None:
+        if type(registry) is pending:
+            registry.__class__ = original  # first: the registration below looks names up too
+            from .strategy import register_strategies
+
+            register_strategies()
+
+    def first_lookup(name: str):
+        def method(self, *args, **kwargs):
+            ensure(self)
+            return getattr(original, name)(self, *args, **kwargs)
+
+        method.__name__ = name
+        return method
+
+    lookups = ("get", "available_strategies", "__contains__", "__getitem__", "__iter__", "__len__", "keys",
+               "items", "values")
+    pending = type("_PendingStrategyRegistry", (original,),
+                   {"_lightning_peft_pending": True, **{name: first_lookup(name) for name in lookups}})
+    StrategyRegistry.__class__ = pending
 
 
 class _RegisterAfterLightning(importlib.abc.MetaPathFinder):
     """Finds nothing itself: when ``lightning.pytorch`` is about to be loaded, it removes itself,
-    lets the other finders find the module, and makes its loader register our strategy names once
-    the module has run."""
+    lets the other finders find the module, and makes its loader call
+    :func:`_register_on_first_lookup` once the module has run."""
 
     def find_spec(self, fullname, path, target=None):
         if fullname != "lightning.pytorch":
@@ -93,14 +117,14 @@ class _RegisterAfterLightning(importlib.abc.MetaPathFinder):
 
         def exec_and_register(module) -> None:
             exec_module(module)
-            _register_strategies()
+            _register_on_first_lookup()
 
         spec.loader.exec_module = exec_and_register
         return spec
 
 
 if "lightning.pytorch" in sys.modules:
-    _register_strategies()
+    _register_on_first_lookup()
 elif not any(isinstance(finder, _RegisterAfterLightning) for finder in sys.meta_path):
     sys.meta_path.insert(0, _RegisterAfterLightning())
 

@@ -21,7 +21,6 @@ import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from .config import AdapterConfig, BitFitConfig, BottleneckConfig, IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig
@@ -449,6 +448,8 @@ def _note_float_layers(model: nn.Module, targets) -> None:
     kept = sorted({type(_unwrap(m)).__name__ for _, m in targets if is_conv(_unwrap(m)) or is_mha(_unwrap(m))})
     if kept:
         count = sum(1 for _, m in targets if is_conv(_unwrap(m)) or is_mha(_unwrap(m)))
+        from lightning.pytorch.utilities.rank_zero import rank_zero_info  # imported here: inject stays light
+
         rank_zero_info(f"lightning-peft: {count} adapted layers ({', '.join(kept)}) keep a float base weight: bitsandbytes "
                   f"has no 4-bit kernel for them; their adapters train on the float weight.")
 
