@@ -138,3 +138,20 @@ def test_merge_adapters_refuses_nonfinite_weights_and_leaves_no_export(tmp_path)
     with pytest.raises(ValueError, match="non-finite weights"):
         trainer.fit(module, _data())
     assert not (tmp_path / "merged").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_ddp_ranks_stop_together_when_one_rank_goes_nonfinite(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(here / "ddp_nonfinite_script.py"), str(tmp_path)], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    for rank in (0, 1):  # rank 0's own loss was finite: it stops because rank 1's was not
+        text = (tmp_path / f"rank{rank}.txt").read_text()
+        assert text.startswith("raised at 2: lightning-peft: non-finite ") and "global step 2" in text, text
+        assert "finite=True" in text, text

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,6 @@ from torch import nn
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 # what a tokenizer's save_pretrained may write (fast and slow tokenizers, chat templates)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -167,41 +165,3 @@ def base_directory(model: nn.Module, base: str | os.PathLike | None) -> Path | N
     if isinstance(name, str) and name and Path(name).is_dir():
         return Path(name)
     return None
-
-
-def staging_directory(directory: Path) -> Path:
-    """A new hidden directory beside ``directory`` to write a whole export into."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex}")
-    staging.mkdir()
-    return staging
-
-
-def publish(staging: Path, directory: Path, stale: list[str] = ()) -> None:
-    """Move every file of ``staging`` into ``directory`` (each flushed to disk, then renamed:
-    atomic per file) and remove ``stale`` names of a previous export that this one does not
-    overwrite (shards of another count, an index beside a single file); ``staging`` goes."""
-    directory.mkdir(parents=True, exist_ok=True)
-    try:
-        names = sorted(os.listdir(staging))
-        for name in names:
-            with open(staging / name, "rb+") as handle:
-                os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        for name in names:
-            os.chmod(staging / name, 0o666 & ~umask)  # safetensors creates its files 0o600
-            os.replace(staging / name, directory / name)
-        for name in stale:
-            if name not in names:
-                (directory / name).unlink(missing_ok=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def previous_weight_files(directory: Path) -> list[str]:
-    """Weight files of an earlier export in ``directory`` (replaced or removed by a new one)."""
-    if not directory.is_dir():
-        return []
-    return sorted(p.name for p in directory.iterdir()
-                  if p.name in (WEIGHTS_NAME, INDEX_NAME) or SHARD_PATTERN.fullmatch(p.name))
