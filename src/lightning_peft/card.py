@@ -15,9 +15,11 @@ from typing import Any
 
 from torch import nn
 
+from .config import CONFIG_TYPES
+
 CARD_NAME = "README.md"
-METHOD_NAMES = {"LORA": "LoRA", "IA3": "(IA)^3", "BITFIT": "BitFit", "PROMPT_TUNING": "prompt tuning",
-                "PREFIX_TUNING": "prefix tuning", "BOTTLENECK": "bottleneck adapters"}
+# peft_type -> the method's display name (each config class's display_name)
+METHOD_NAMES = {peft_type: cls.display_name for peft_type, cls in CONFIG_TYPES.items()}
 
 
 def method_name(config: dict[str, Any]) -> str:

@@ -48,7 +48,7 @@ from torch import nn
 
 from . import __version__
 from .checkpoint import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, _read_weights, load_adapter, read_adapter_config
-from .config import QUANT_TYPES, AdapterConfig, LoraConfig, QuantConfig
+from .config import CONFIG_TYPES, QUANT_TYPES, AdapterConfig, LoraConfig, QuantConfig
 from .inject import _matches, _pattern_value
 from .merge import MANIFEST_NAME, export_merged
 from .methods.lora import lora_scaling
@@ -203,8 +203,8 @@ _SUFFIXES = {".lora_A.weight": "lora_A", ".lora_embedding_A": "lora_A", ".lora_B
 PROMPT_KEY = "prompt_embeddings"  # prompt and prefix tuning: one model-level tensor, no module path
 KINDS = ("lora_A", "lora_B", "magnitude", "ia3_l", "bitfit_bias", "adapter_down", "adapter_up", PROMPT_KEY,
          "modules_to_save", "bias", "other")
-METHODS = {"LORA": "LoRA", "IA3": "(IA)³", "BITFIT": "BitFit", "PROMPT_TUNING": "prompt tuning",
-           "PREFIX_TUNING": "prefix tuning", "BOTTLENECK": "bottleneck adapters"}
+# peft_type -> how the tables name the method (the config classes' table_name / display_name)
+METHODS = {peft_type: cls.table_name or cls.display_name for peft_type, cls in CONFIG_TYPES.items()}
 MODEL_LEVEL = "(model)"
 
 
@@ -514,9 +514,8 @@ def _import_object(spec: str) -> Any:
     return obj
 
 
-# prompt / prefix tuning add virtual tokens, bottleneck adapters are nonlinear: no merged weights exist
-UNMERGEABLE = {"PROMPT_TUNING": "adds virtual tokens", "PREFIX_TUNING": "adds virtual keys and values",
-               "BOTTLENECK": "is a nonlinear block"}
+# peft_type -> why no merged weights exist (prompt / prefix tuning add virtual tokens, ...)
+UNMERGEABLE = {peft_type: cls.unmergeable_reason for peft_type, cls in CONFIG_TYPES.items() if not cls.mergeable}
 
 
 def _refuse_unmergeable(adapter: Path) -> None:

@@ -113,6 +113,11 @@ class AdapterConfig(abc.ABC):
     content) and ``from_dict`` (ours or PEFT's file; unknown fields ignored with a warning)."""
 
     peft_type: ClassVar[str] = ""
+    # the method's facts, read by the CLI, the callbacks and error messages (docs/architecture.md)
+    display_name: ClassVar[str] = ""  # in messages and logs (ASCII)
+    table_name: ClassVar[str] = ""  # in the CLI's tables (default: display_name)
+    mergeable: ClassVar[bool] = True  # its adapters fold into the base weights (merge_adapters, export_merged)
+    unmergeable_reason: ClassVar[str] = ""  # why not, when not mergeable ("adds virtual tokens")
     # our field name -> PEFT's, where they differ
     peft_names: ClassVar[dict[str, str]] = {}
     # PEFT fields this class lacks, at the value that means "off" (ignored without a warning)
@@ -227,6 +232,7 @@ class LoraConfig(AdapterConfig):
     trainable_token_indices: Union[list[int], dict, None] = None
 
     peft_type = "LORA"
+    display_name = "LoRA"
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -323,6 +329,8 @@ class IA3Config(AdapterConfig):
     modules_to_save: Union[list[str], None] = None
 
     peft_type = "IA3"
+    display_name = "(IA)^3"
+    table_name = "(IA)³"
     peft_off_values = {"init_ia3_weights": True}
 
     def __post_init__(self) -> None:
@@ -371,6 +379,7 @@ class BitFitConfig(AdapterConfig):
     exclude_modules: TargetModules = None
 
     peft_type = "BITFIT"
+    display_name = "BitFit"
 
     def __post_init__(self) -> None:
         if self.target_modules is None:
@@ -413,6 +422,9 @@ class PromptTuningConfig(AdapterConfig):
     task_type: str = "CAUSAL_LM"
 
     peft_type = "PROMPT_TUNING"
+    display_name = "prompt tuning"
+    mergeable = False
+    unmergeable_reason = "adds virtual tokens"
     peft_off_values = {"num_transformer_submodules": 1}
 
     def __post_init__(self) -> None:
@@ -476,6 +488,9 @@ class PrefixTuningConfig(AdapterConfig):
     task_type: str = "CAUSAL_LM"
 
     peft_type = "PREFIX_TUNING"
+    display_name = "prefix tuning"
+    mergeable = False
+    unmergeable_reason = "adds virtual keys and values"
     peft_names = {"projection": "prefix_projection"}
     peft_off_values = {"num_transformer_submodules": 1}
 
@@ -530,6 +545,9 @@ class BottleneckConfig(AdapterConfig):
     attn_modules: TargetModules = field(default_factory=lambda: ["self_attn", "attn"])
 
     peft_type = "BOTTLENECK"
+    display_name = "bottleneck adapters"
+    mergeable = False
+    unmergeable_reason = "is a nonlinear block"
 
     def __post_init__(self) -> None:
         _check_positive_int(self.reduction_factor, "reduction_factor", " (16 is the usual choice)")

@@ -142,8 +142,7 @@ def _pattern_value(pattern: dict, path: str, default):
 
 def _unwrap(module: nn.Module) -> nn.Module:
     """The user's layer inside a layer-wrapping adapter module (``modules_to_save`` copies excepted)."""
-    return module.base_layer if isinstance(module, (LoraLayer, LoraParamLayer, IA3Layer, BitFitLayer,
-                                                    BottleneckLayer, TrainableTokensLayer)) else module
+    return module.base_layer if isinstance(module, AdapterModule) and module.wrapped_attr == "base_layer" else module
 
 
 def _closest(name: str, paths: list[str]) -> list[str]:

@@ -96,7 +96,7 @@ def adapter_ids(model: nn.Module, ids: Sequence[str | None]):
     for module in _outer_adapter_modules(model):
         if getattr(module, "merged", None):
             _refuse_if_merged(model, "run a mixed-adapter batch")
-        if isinstance(module, LoraLayer) and module.supports_mixed_batches:
+        if module.mixes_rows:
             lora_layers.append(module)
         elif isinstance(module, LoraLayer):
             held = sorted(wanted.intersection(module.adapter_names()))
@@ -140,7 +140,7 @@ def clear_adapter_caches(model: nn.Module) -> nn.Module:
     ``.to()``, hot swaps, merges and adding or deleting adapters are seen without it. Returns
     ``model``."""
     for module in _outer_adapter_modules(model):
-        if isinstance(module, LoraLayer):
+        if module.mixes_rows:
             module.clear_stack_cache()
     return model
 

@@ -43,7 +43,7 @@ from .checkpoint import (  # noqa: F401 (CHECKPOINT_KEY, rng_states, set_rng_sta
     rng_states,
     set_rng_states,
 )
-from .config import AdapterConfig, LoraConfig, QuantConfig, config_from_dict
+from .config import CONFIG_TYPES, AdapterConfig, LoraConfig, QuantConfig, config_from_dict
 from .inject import adapter_configs, adapter_modules, check_adapter_name, delete_adapter, inject_adapters, set_adapter
 from .methods.base import DROPOUT_TYPES
 from .quantize import logical_numel, quant_config, quantize_base
@@ -96,8 +96,9 @@ class _PEFTSetup:
         self._nonfinite_run = 0  # ... of them in a row, up to the current step
         self._loss_not_finite: torch.Tensor | None = None  # on the device until the step: no sync per micro-batch
         if peft_config is not None and not isinstance(peft_config, AdapterConfig):
-            raise TypeError(f"peft_config must be a lightning_peft adapter config (LoraConfig, IA3Config, BitFitConfig, "
-                            f"PromptTuningConfig, PrefixTuningConfig, BottleneckConfig), got {type(peft_config).__name__}.")
+            names = ", ".join(cls.__name__ for cls in CONFIG_TYPES.values())
+            raise TypeError(f"peft_config must be a lightning_peft adapter config ({names}), got "
+                            f"{type(peft_config).__name__}.")
         self.peft_config = peft_config or LoraConfig()
         self.quant_config = _as_quant_config(quantization)
         self.adapter_name = check_adapter_name(adapter_name)

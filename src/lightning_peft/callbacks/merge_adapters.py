@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from ..config import CONFIG_TYPES
 from ..export import DEFAULT_MAX_SHARD_SIZE, parse_size, read_weights
 from ..inject import adapter_configs, adapter_modules, adapter_owner
 from ..merge import _refuse_unmergeable, _resolve, export_merged
@@ -165,10 +166,11 @@ class MergeAdapters(Callback):
             _refuse_unmergeable(model, name)
         except ValueError:
             methods = sorted({m.method_name(name) for _, m in adapter_modules(model) if name in m.adapter_names()})
+            reason = adapter_configs(model)[name].unmergeable_reason
+            mergeable = ", ".join(cls.display_name for cls in CONFIG_TYPES.values() if cls.mergeable)
             raise RuntimeError(
                 f"MergeAdapters cannot export adapter {name!r}: it is a {' + '.join(methods)} adapter, which cannot be "
-                f"folded into the base weights (prompt and prefix tuning add virtual tokens, bottleneck adapters "
-                f"are nonlinear); only LoRA, DoRA, (IA)^3 and BitFit merge. Checked at fit start, so no training is "
+                f"folded into the base weights (it {reason}); only {mergeable} merge. Checked at fit start, so no training is "
                 f"spent on it. Remove MergeAdapters and keep the adapter: AdapterCheckpoint(dirpath=...) saves it "
                 f"during training, lightning_peft.save_adapter(model, directory) after the fit, and "
                 f"lightning_peft.load_adapter(base_model, directory) serves it.") from None

@@ -31,9 +31,6 @@ from ..methods import LoraLayer
 from ..spectrum import (TOP_VALUES_SHOWN, delta_singular_values, effective_rank,  # noqa: F401 (re-exported)
                         factor_singular_values)
 
-METHOD_NAMES = {"ia3": "(IA)^3", "bitfit": "BitFit", "prompt": "prompt tuning", "prefix": "prefix tuning",
-                "bottleneck": "a bottleneck adapter"}
-
 
 class RankMonitor(Callback):
     """Track the singular-value spectrum and effective rank of every LoRA update while training.
@@ -109,10 +106,10 @@ class RankMonitor(Callback):
                   if isinstance(m, LoraLayer) and m.active_adapter in m.scaling]
         if layers:
             return layers
-        active = {m.active_adapter: m.method_name(m.active_adapter) for _, m in adapter_modules(pl_module)
-                  if m.active_adapter in m.adapter_names()}
-        if adapter_configs(pl_module) and active:
-            other = ", ".join(f"{name!r} is {METHOD_NAMES.get(method, method)}" for name, method in active.items())
+        configs = adapter_configs(pl_module)
+        active = {m.active_adapter for _, m in adapter_modules(pl_module) if m.active_adapter in m.adapter_names()}
+        if configs and active:
+            other = ", ".join(f"{name!r} is {configs[name].display_name}" for name in sorted(active))
             raise RuntimeError(f"RankMonitor measures the rank of LoRA updates (s B A), but the active adapter {other}, "
                                f"which has no low-rank factors: remove RankMonitor from the callbacks for this run, or "
                                f"train a LoraConfig adapter.")

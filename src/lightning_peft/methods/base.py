@@ -121,6 +121,7 @@ class AdapterModule(nn.Module, abc.ABC):
     # False: the stores hold only this method's own tensors and modules, never a user's module, so
     # adapter_modules() need not walk into them (LoRA's lora_A/lora_B are most of a model's modules)
     stores_hold_user_modules = False
+    mixes_rows = False  # runs a different adapter per row of a batch (lightning_peft.adapter_ids)
 
     def __getattr__(self, attr: str):
         # Model code reads attributes of the layer it built (``q_proj.weight.dtype``,
@@ -136,6 +137,7 @@ class AdapterModule(nn.Module, abc.ABC):
         super().__init__()
         self.active_adapter: str | None = None
         self.disabled = False
+        self.merged: list[str] = []  # adapters folded into the wrapped layer (skipped in forward)
 
     @abc.abstractmethod
     def adapter_names(self) -> list[str]:
@@ -162,6 +164,39 @@ class AdapterModule(nn.Module, abc.ABC):
     def method_name(self, name: str) -> str:
         """The method of adapter ``name`` in this module (for ``adapter_report``)."""
         return self.method
+
+    # ------------------------------------------------------------------- the merge protocol
+    # lightning_peft.merge loops over adapter modules through these methods alone (as PEFT's
+    # BaseTunerLayer.merge): a module that cannot fold its adapters keeps ``mergeable = False``
+    # and the defaults, which refuse with ``unmergeable_reason``.
+    mergeable = False
+    unmergeable_reason = "cannot be folded into the base weights"
+
+    def merge_refusal(self, name: str, allow_lossy: bool = False) -> Exception | None:
+        """The error :meth:`merge` of adapter ``name`` would raise, or None. ``merge_adapters`` asks
+        every module first, so that a refusal leaves the whole model unchanged."""
+        if self.mergeable:
+            return None
+        return ValueError(f"adapter {name!r} is a {self.method_name(name)} adapter, which cannot be folded into the "
+                          f"base weights ({self.unmergeable_reason}). Keep the adapter at inference: save_adapter / "
+                          f"load_adapter.")
+
+    def merge(self, name: str, allow_lossy: bool = False) -> float | None:
+        """Fold adapter ``name`` into the wrapped layer in place and list it in ``merged``. Returns
+        the fraction of the update lost (a lossy merge into a quantized weight), else None."""
+        raise self.merge_refusal(name, allow_lossy) or NotImplementedError(f"{type(self).__name__}.merge")
+
+    def unmerge(self, name: str) -> None:
+        """Take adapter ``name`` back out of the wrapped layer (the inverse of :meth:`merge`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no merged adapters to take out.")
+
+    def merged_state(self, name: str | None, base_state) -> dict[str, torch.Tensor]:
+        """The state dict (keys relative to this module's place) of the plain layer this module
+        stands for, with adapter ``name`` folded in when this module holds it unmerged; nothing
+        changes. ``base_state(module)`` is the plain state dict of a user module (quantized layers
+        dequantized, adapter modules inside it resolved the same way). Default: the wrapped
+        module's own state (an unmergeable module holds only other adapters by now)."""
+        return base_state(getattr(self, self.wrapped_attr)) if self.wrapped_attr else {}
 
     def unwrapped(self) -> nn.Module | None:
         """What takes this module's place once its last adapter is gone: the wrapped module, or

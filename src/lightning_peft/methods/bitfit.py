@@ -46,7 +46,6 @@ class BitFitLayer(AdapterModule):
         self.base_layer = base_layer
         self.size = size
         self.bitfit_bias = nn.ParameterDict()
-        self.merged: list[str] = []
         self.created_bias = False  # merge gave the base a bias it did not have: unmerge removes it
 
     def adapter_names(self) -> list[str]:
@@ -71,7 +70,9 @@ class BitFitLayer(AdapterModule):
         bias = getattr(self.base_layer, "bias", None)
         return shift.to(dtype) if bias is None else bias.to(dtype) + shift.to(dtype)
 
-    def merge(self, name: str) -> None:
+    mergeable = True  # exact, also over a quantized weight (the bias is float)
+
+    def merge(self, name: str, allow_lossy: bool = False) -> None:
         """Add shift ``name`` into the base bias in place (create the bias if there is none)."""
         with torch.no_grad():
             merged = self.merged_bias(name)
@@ -92,6 +93,12 @@ class BitFitLayer(AdapterModule):
                 bias = self.base_layer.bias
                 bias.copy_(bias.to(torch.float32) - self.bitfit_bias[name].to(torch.float32))
         self.merged.remove(name)
+
+    def merged_state(self, name: str | None, base_state) -> dict[str, torch.Tensor]:
+        state = base_state(self.base_layer)
+        if name in self.bitfit_bias and name not in self.merged:
+            state["bias"] = self.merged_bias(name)
+        return state
 
     def forward(self, *args, **kwargs):
         result = self.base_layer(*args, **kwargs)

@@ -41,6 +41,7 @@ class BottleneckLayer(AdapterModule):
 
     method = "bottleneck"
     adapter_stores = ("adapter_down", "adapter_up", "activation")
+    unmergeable_reason = "bottleneck adapters are nonlinear"
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()

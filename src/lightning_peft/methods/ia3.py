@@ -32,7 +32,6 @@ class IA3Layer(WeightLayer):
         self._view_base(base_layer, kind, fan_in_fan_out)
         self.ia3_l = nn.ParameterDict()
         self.feedforward: dict[str, bool] = {}
-        self.merged: list[str] = []
 
     # ------------------------------------------------------------------------------ adapters
     def adapter_names(self) -> list[str]:
@@ -68,12 +67,21 @@ class IA3Layer(WeightLayer):
             bias = bias.to(dtype) * scale.to(dtype).flatten()
         return weight, bias
 
-    def merge(self, name: str) -> None:
-        """Fold vector ``name`` into the float base weight (and bias) in place."""
+    mergeable = True
+
+    def merge_refusal(self, name: str, allow_lossy: bool = False) -> Exception | None:
         if self.quantized:
-            raise RuntimeError("refusing to merge (IA)^3 into a quantized base in place: re-quantizing the scaled "
-                               "weight rounds the update away. Use lightning_peft.export_merged(model, directory) "
-                               "to write a merged float model.")
+            return RuntimeError(f"adapter {name!r} is (IA)^3 over a quantized base: scaling a 4-bit weight in place "
+                                f"re-quantizes it and loses the update. Use lightning_peft.export_merged(model, "
+                                f"directory) to write a merged float model.")
+        return None
+
+    def merge(self, name: str, allow_lossy: bool = False) -> None:
+        """Fold vector ``name`` into the float base weight (and bias) in place (never lossy: a
+        quantized base is refused whatever ``allow_lossy`` says)."""
+        refusal = self.merge_refusal(name)
+        if refusal is not None:
+            raise refusal
         with torch.no_grad():
             weight, bias = self.merged_base(name)
             self.base_weight().copy_(weight)
@@ -95,6 +103,16 @@ class IA3Layer(WeightLayer):
             if bias is not None and not self.feedforward[name]:
                 bias.copy_(bias.to(dtype) / scale.to(dtype).flatten())
         self.merged.remove(name)
+
+    def merged_state(self, name: str | None, base_state) -> dict[str, torch.Tensor]:
+        if name in self.ia3_l and name not in self.merged:
+            weight, bias = self.merged_base(name)
+        else:
+            weight, bias = self.base_weight(), getattr(self.base_layer, "bias", None)
+        state = {"weight": weight.t() if self.transposed else weight}
+        if bias is not None:
+            state["bias"] = bias
+        return state
 
     # ------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -35,8 +35,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
+from ..quantize import requantize_
 from .base import DROPOUT_TYPES, AdapterDropout, WeightLayer, base_kind  # noqa: F401 (names read from here too)
 from .mixed import MixedBatchMixin, release_batch_memos  # noqa: F401
+
+
+LOSSY_MERGE_MESSAGE = (
+    "refusing to merge into a quantized (4-bit/8-bit) base in place: re-quantizing W + dW rounds most of "
+    "a small adapter update away (NF4 rounding error is ~10% of ||W||, a trained update ~0.5%), so the "
+    "merged model can be worse than dropping the adapter. Use lightning_peft.export_merged(model, "
+    "directory) to write a merged float model (dequantize -> merge in fp32 -> safetensors), or pass "
+    "allow_lossy=True to merge anyway (a warning states the measured loss; it cannot be unmerged).")
 
 
 def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
@@ -53,7 +62,6 @@ class LoraLayer(MixedBatchMixin, WeightLayer):
     """
 
     method = "lora"
-    supports_mixed_batches = True  # rows of one batch may run different adapters (adapter_ids)
     weight_key = "weight"  # the base layer's state-dict key of the weight base_weight() views
     adapter_stores = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_dropout",
                       "lora_magnitude_vector")
@@ -72,7 +80,6 @@ class LoraLayer(MixedBatchMixin, WeightLayer):
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()
         self.scaling: dict[str, float] = {}
-        self.merged: list[str] = []
         self.dora_merge_norms: dict[str, torch.Tensor] = {}  # row norms at merge time, for unmerge
         self.row_adapters: tuple[str | None, ...] | None = None  # per-row adapter names (adapter_ids)
         self._stack_cache: dict | None = None  # stacked adapters for mixed batches (see module doc)
@@ -192,14 +199,118 @@ class LoraLayer(MixedBatchMixin, WeightLayer):
         """A weight in the ``[out, in]`` view of :meth:`base_weight` back in the layout the base layer stores."""
         return weight.t() if self.transposed else weight
 
-    def merge_refusal(self, name: str) -> str | None:
-        """Why adapter ``name`` cannot be folded into this layer's weight, or None when it can."""
+    def kind_refusal(self, name: str) -> str | None:
+        """Why this kind of layer cannot hold adapter ``name`` in its weight (a grouped conv), or None."""
         return None
 
     def dora_row_norm(self, name: str) -> torch.Tensor:
         """``||W + s B A||`` over each output row, ``[out]``, fp32 or wider (not detached here)."""
         delta = self.delta_weight(name)
         return torch.linalg.vector_norm(self.base_weight().to(delta.dtype) + delta, dim=1)
+
+    # ------------------------------------------------------------------------------- merging
+    mergeable = True
+
+    def merged_weight(self, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(W', n)``: ``weight: [out, in]`` with adapter ``name`` folded in, in at least fp32,
+        and the DoRA row norms ``n`` (None for LoRA); nothing changes.
+
+            LoRA  W' = W + s B A            DoRA  W' = m / n * (W + s B A),  n = ||W + s B A||_row"""
+        delta = self.delta_weight(name)
+        merged = weight.to(delta.dtype) + delta
+        if name not in self.lora_magnitude_vector:
+            return merged, None
+        norm = torch.linalg.vector_norm(merged, dim=1)
+        return merged * (self.dora_magnitude(name).to(norm.dtype) / norm)[:, None], norm
+
+    def _lora_bias(self, name: str) -> torch.Tensor | None:
+        """``s * b_B`` of an adapter with a ``lora_B`` bias (``lora_bias``), fp32; else None."""
+        if name in self.lora_B and self.lora_B[name].bias is not None:
+            return self.scaling[name] * self.lora_B[name].bias.float()
+        return None
+
+    def merge_refusal(self, name: str, allow_lossy: bool = False) -> Exception | None:
+        reason = self.kind_refusal(name)
+        if reason:
+            return RuntimeError(reason)
+        if self.quantized and not allow_lossy:
+            return RuntimeError(LOSSY_MERGE_MESSAGE)
+        if self._lora_bias(name) is not None and getattr(self.base_layer, "bias", None) is None:
+            return RuntimeError(f"adapter {name!r} has a lora_B bias (lora_bias=True) on a layer without a bias to fold "
+                                f"it into ({type(self.base_layer).__name__}(bias=False)); keep the adapter unmerged "
+                                f"(PEFT cannot merge it either).")
+        return None
+
+    def merge(self, name: str, allow_lossy: bool = False) -> float | None:
+        """Fold adapter ``name`` into the base weight (see :meth:`merged_weight`).
+
+        For a quantized base (only with ``allow_lossy``) returns the fraction of the adapter's weight
+        update lost to re-quantization, ``||W_q' - W_q - dW|| / ||dW||``."""
+        if name in self.merged:
+            raise RuntimeError(f"adapter {name!r} is already merged into this layer.")
+        refusal = self.merge_refusal(name, allow_lossy)
+        if refusal is not None:
+            raise refusal
+        with torch.no_grad():
+            weight = self.base_weight()
+            merged, norm = self.merged_weight(name, weight)
+            lost = None
+            if self.quantized:
+                requantize_(self.base_layer, merged)
+                update = merged - weight.to(merged.dtype)
+                realised = self.base_weight().to(merged.dtype) - weight.to(merged.dtype)
+                lost = ((realised - update).norm() / update.norm().clamp_min(1e-30)).item()
+            else:
+                self.set_base_weight(merged)
+            self._add_lora_bias(name, +1)
+            if norm is not None:
+                self.dora_merge_norms[name] = norm
+        self.merged.append(name)
+        self.clear_stack_cache()  # a re-quantized base is a new tensor: no version bump to see
+        return lost
+
+    def unmerge(self, name: str) -> None:
+        """Take adapter ``name`` back out of the base weight."""
+        if name not in self.merged:
+            raise RuntimeError(f"adapter {name!r} is not merged into this layer.")
+        if self.quantized:
+            raise RuntimeError(f"adapter {name!r} was merged lossily into a quantized weight and cannot be taken "
+                               f"out again; reload the base model and the adapter (load_adapter).")
+        with torch.no_grad():
+            delta = self.delta_weight(name)
+            weight = self.base_weight().to(delta.dtype)
+            if name in self.lora_magnitude_vector:
+                norm = self.dora_merge_norms.pop(name)
+                weight = weight * (norm / self.dora_magnitude(name).to(norm.dtype))[:, None]
+            self.set_base_weight(weight - delta)
+            self._add_lora_bias(name, -1)
+        self.merged.remove(name)
+        self.clear_stack_cache()
+
+    def _add_lora_bias(self, name: str, sign: int) -> None:
+        """Base bias ``+= sign * s * b_B`` for an adapter with a lora_B bias (``lora_bias``)."""
+        extra = self._lora_bias(name)
+        if extra is not None:
+            bias = self.base_layer.bias
+            bias.copy_(bias.float() + sign * extra)
+
+    def merged_state(self, name: str | None, base_state) -> dict[str, torch.Tensor]:
+        weight = self.base_weight()
+        bias = getattr(self.base_layer, "bias", None)
+        if name in self.scaling and name not in self.merged:
+            refusal = self.merge_refusal(name, allow_lossy=True)  # the kind's limits, a lora_B bias without a bias
+            if refusal is not None:
+                raise refusal
+            weight, _ = self.merged_weight(name, weight)
+            extra = self._lora_bias(name)
+            if extra is not None:
+                bias = bias.float() + extra
+        if self.weight_key != "weight":  # a module with more than one weight (MultiheadAttention): the rest as is
+            return {**base_state(self.base_layer), self.weight_key: self.stored_weight(weight)}
+        state = {"weight": self.stored_weight(weight)}
+        if bias is not None:
+            state["bias"] = bias
+        return state
 
     # ------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -93,7 +93,7 @@ class LoraConvLayer(LoraLayer):
         """A ``[out, in/g * prod(k)]`` view back in the kernel's own shape."""
         return weight.reshape(self.base_layer.weight.shape)
 
-    def merge_refusal(self, name: str) -> str | None:
+    def kind_refusal(self, name: str) -> str | None:
         if self.groups > 1:
             return (f"{type(self.base_layer).__name__}(groups={self.groups}) cannot take LoRA adapter {name!r} into its "
                     f"weight: lora_A mixes all input channels into every group, which a grouped kernel cannot hold "
@@ -156,9 +156,9 @@ class LoraConvLayer(LoraLayer):
         return A, B
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """``dW`` as ``[out, in * prod(k)]`` in at least fp32 (groups 1; see :meth:`merge_refusal`)."""
+        """``dW`` as ``[out, in * prod(k)]`` in at least fp32 (groups 1; see :meth:`kind_refusal`)."""
         if self.groups > 1:
-            raise RuntimeError(self.merge_refusal(name))
+            raise RuntimeError(self.kind_refusal(name))
         return self._dora_delta(name)
 
     def _dora_delta(self, name: str) -> torch.Tensor:

@@ -44,7 +44,7 @@ class LoraMHALayer(LoraLayer):
     """A frozen ``nn.MultiheadAttention`` with LoRA on ``in_proj`` (here) and ``out_proj`` (a
     :class:`LoraLayer` that replaces ``base_layer.out_proj``)."""
 
-    supports_mixed_batches = False
+    mixes_rows = False
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         AdapterModule.__init__(self)

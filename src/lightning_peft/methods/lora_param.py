@@ -54,7 +54,6 @@ class LoraParamLayer(AdapterModule):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
-        self.merged: list[str] = []
 
     def param(self) -> nn.Parameter:
         return getattr(self.base_layer, self.parameter_name)
@@ -123,7 +122,10 @@ class LoraParamLayer(AdapterModule):
         delta = B3 @ A3                                             # [E, out, in]
         return self.scaling[name] * (delta.transpose(1, 2) if self.transposed else delta)
 
-    def merge(self, name: str) -> None:
+    # ------------------------------------------------------------------------------- merging
+    mergeable = True
+
+    def merge(self, name: str, allow_lossy: bool = False) -> None:
         """Add adapter ``name``'s update to the parameter in place (fp32 arithmetic)."""
         with torch.no_grad():
             param = self.param()
@@ -142,6 +144,12 @@ class LoraParamLayer(AdapterModule):
         delta = self.delta(name)
         dtype = torch.promote_types(delta.dtype, torch.float32)
         return param.to(dtype) + delta.to(dtype)
+
+    def merged_state(self, name: str | None, base_state) -> dict[str, torch.Tensor]:
+        state = base_state(self.base_layer)  # the module's own state (inner wrappers resolved), this parameter updated
+        if name in self.scaling and name not in self.merged:
+            state[self.parameter_name] = self.merged_param(name)
+        return state
 
     # ------------------------------------------------------------------------------- forward
     def forward(self, *args, **kwargs):

@@ -117,6 +117,8 @@ class MixedBatchMixin:
     Reads the layer's ``scaling``, ``_factors``, ``dora_row_norm``, ``lora_dropout``,
     ``row_adapters`` and ``_stack_cache``."""
 
+    mixes_rows = True
+
     def _stack_sources(self) -> list[torch.Tensor]:
         """Every tensor the stacked adapters are computed from (the base weight only for DoRA).
 

@@ -39,6 +39,16 @@ class ModulesToSave(AdapterModule):
             raise ValueError(f"adapter {name!r} already has a copy of this module; choose another adapter_name.")
         self.modules_to_save[name] = copy.deepcopy(self.original_module)
 
+    # nothing to fold: the trained copy is the module of the merged model, and keeps running
+    mergeable = True
+
+    def merge(self, name: str, allow_lossy: bool = False) -> None:
+        return None
+
+    def merged_state(self, name: str | None, base_state) -> dict[str, torch.Tensor]:
+        chosen = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+        return base_state(chosen)
+
     def forward(self, *args, **kwargs):
         name = self.active_adapter
         if self.disabled or name not in self.modules_to_save:

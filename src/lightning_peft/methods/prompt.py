@@ -79,6 +79,7 @@ class PromptLearning(AdapterModule):
     method = "prompt"
     wrapped_attr = None
     model_level = True
+    unmergeable_reason = "prompt and prefix tuning add virtual tokens"
     adapter_stores = ("prompt_embeddings", "prefix_embeddings", "prefix_mlp", "prefix_shapes")
 
     def __init__(self) -> None:

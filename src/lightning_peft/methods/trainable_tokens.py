@@ -39,7 +39,6 @@ class TrainableTokensLayer(AdapterModule):
             self.trainable_tokens_delta = nn.ParameterDict()
             self.trainable_tokens_original: dict[str, torch.Tensor] = {}
             self.token_indices: dict[str, list[int]] = {}
-        self.merged: list[str] = []
 
     @property
     def owner(self) -> "TrainableTokensLayer":
@@ -91,7 +90,9 @@ class TrainableTokensLayer(AdapterModule):
         values = owner.trainable_tokens_delta[name].to(self.base_layer.weight.dtype)
         return self.base_layer.weight.index_copy(0, index, values)
 
-    def merge(self, name: str) -> None:
+    mergeable = True
+
+    def merge(self, name: str, allow_lossy: bool = False) -> None:
         if not self._tied:  # the tied head shares the embedding's weight: written once, here
             with torch.no_grad():
                 self.base_layer.weight.copy_(self.merged_weight(name))
@@ -104,6 +105,12 @@ class TrainableTokensLayer(AdapterModule):
                 self.base_layer.weight.index_copy_(0, index, self.trainable_tokens_original[name].to(
                     self.base_layer.weight))
         self.merged.remove(name)
+
+    def merged_state(self, name: str | None, base_state) -> dict[str, torch.Tensor]:
+        state = base_state(self.base_layer)  # the embedding (or tied head) with the trained rows
+        if name in self.adapter_names() and name not in self.merged:
+            state["weight"] = self.merged_weight(name)
+        return state
 
     # ------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
