@@ -73,7 +73,7 @@ class CLIError(Exception):
     """Bad input the user can fix; printed as one line, no traceback."""
 
 
-# Errors of the library that describe bad input (DESIGN.md section 4): printed, not traced back.
+# Errors of the library that describe bad input (docs/architecture.md, "Errors"): printed, not traced back.
 USER_ERRORS = (CLIError, OSError, ValueError, ImportError)
 
 

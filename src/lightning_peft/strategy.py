@@ -1,7 +1,8 @@
 """``Trainer(strategy="qlora")``: quantize and freeze the base, inject adapters, at setup.
 
 One mixin, :class:`_PEFTSetup`, goes first in the MRO of Lightning's single-device, DDP and
-FSDP strategies. Lightning's call order sets the constraints (DESIGN.md section 3):
+FSDP strategies. Lightning's call order sets the constraints (docs/architecture.md, "Lightning's call order, and its
+traps"):
 
 - ``setup(trainer)`` is the one hook all three share: the LightningModule is modified there,
   *before* ``super().setup`` moves it to the device, wraps it (DDP/FSDP) and builds optimizers.

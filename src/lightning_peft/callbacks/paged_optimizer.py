@@ -13,7 +13,7 @@ Paged optimizers put state buffers of tensors with at least 1e5 elements in CUDA
 that the driver evicts to CPU RAM under memory pressure; on the CPU, bitsandbytes allocates plain
 buffers instead (same numbers, nothing to page).
 
-The swap happens in ``on_fit_start``, the point in Lightning's order (DESIGN.md section 3) where
+The swap happens in ``on_fit_start``, the point in Lightning's order (docs/architecture.md, "Lightning's call order, and its traps") where
 
 - ``strategy.setup`` has run: the optimizers exist and the parameters sit on their device;
 - the checkpoint's optimizer and scheduler states have *not* been restored yet, so on

@@ -9,7 +9,7 @@ For a base weight viewed as ``W: [out, in]`` and an input ``x: [..., in]``:
 The DoRA row norm is detached (treated as a constant, as in the DoRA paper), so its gradient
 costs nothing. Dropout applies to the adapter branch only, and the base output ``W x + b`` is
 computed once and reused: with dropout off this is exactly DoRA; with dropout on it avoids the
-second base matmul that HF PEFT pays (DESIGN.md section 3). The expand and the add are one
+second base matmul that HF PEFT pays (docs/architecture.md, "Lightning's call order, and its traps"). The expand and the add are one
 ``addmm`` when the dtypes agree: in place into the base layer's fresh output under ``no_grad``,
 unless a forward hook could hold that output (a hook on the base layer, or a global one: an
 activation capture must see the base output, not the adapted one).
