@@ -52,9 +52,20 @@ def test_dpo_module_with_the_callbacks(tmp_path):
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
     loader = DataLoader(dpo["preference_pairs"](16, 64, seed=1), batch_size=8, collate_fn=PreferenceCollator())
     merge = MergeAdapters(output_dir=tmp_path / "merged", probe_batch={"input_ids": torch.randint(0, 64, (2, 8))})
+    class StepMargins(L.Callback):
+        def __init__(self):
+            self.margins = []
+
+        def on_train_batch_end(self, trainer, *args):
+            self.margins.append((trainer.current_epoch, trainer.callback_metrics["train/margin"].item()))
+
+    steps = StepMargins()
     trainer = L.Trainer(strategy="qlora", accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False,
-                        callbacks=[AdapterCheckpoint(dirpath=tmp_path / "adapters"), PagedOptimizer(), merge])
+                        callbacks=[AdapterCheckpoint(dirpath=tmp_path / "adapters"), PagedOptimizer(), merge, steps])
     trainer.fit(DPOModule(model, lr=1e-3), loader)
+    # train/margin per step, train/margin_epoch the mean of the last epoch's steps (2 equal batches)
+    last = [m for epoch, m in steps.margins if epoch == 1]
+    assert len(last) == 2 and trainer.callback_metrics["train/margin_epoch"].item() == pytest.approx(sum(last) / 2)
     assert (tmp_path / "adapters" / "last" / "adapter_model.safetensors").is_file()
     assert type(trainer.optimizers[0]).__name__ == "PagedAdamW8bit"
     assert merge.errors["rel"] <= 1e-2

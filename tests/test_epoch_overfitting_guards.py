@@ -95,7 +95,7 @@ def overfit_run(tmp_path_factory):
 def test_overfitting_guard_stops_and_restores_best_adapters(overfit_run):
     module, guard, trainer = overfit_run["module"], overfit_run["guard"], overfit_run["trainer"]
     losses = list(module.val_losses)  # validate() below appends one more
-    # it stopped early, at the second rise in a row (here epoch 10; the minimum was at epoch 8)
+    # it stopped early, 2 evaluations (patience=2) after the best one
     assert guard.stopped_epoch is not None and trainer.current_epoch == guard.stopped_epoch + 1 < MAX_EPOCHS
     assert losses[-1] > losses[-2] > losses[-3] and losses[-1] > guard.best_score + 0.05  # real overfitting
     assert guard.best_epoch == min(range(len(losses)), key=losses.__getitem__) <= guard.stopped_epoch - 2
@@ -109,7 +109,8 @@ def test_overfitting_guard_stops_and_restores_best_adapters(overfit_run):
     assert abs(recomputed - guard.best_score) <= 1e-6
     assert abs(recomputed - losses[-1]) > 0.05  # what the model held before the restore was worse
     [message] = overfit_run["messages"]
-    assert ("val_loss rose for 2 evaluations while train_loss fell" in message
+    assert ("val_loss has not improved on its best for 2 evaluations (patience 2" in message
+            and "while train_loss fell" in message
             and f"stopping at epoch {guard.stopped_epoch}, adapters restored to epoch {guard.best_epoch} "
                 f"(val_loss {guard.best_score:.4f})" in message)
 
@@ -127,6 +128,35 @@ def test_overfitting_guard_needs_the_training_loss_to_fall():
     _trainer([guard], max_epochs=14).fit(module, *noisy_label_data())
     assert module.val_losses[-1] > min(module.val_losses) + 0.1  # the validation loss did rise
     assert guard.stopped_epoch is None and not guard.restored and len(module.val_losses) == 14
+
+
+class ScriptedValLoss(CausalLM):
+    """The validation loss follows a script (one value per evaluation); the training loss is real."""
+
+    SCRIPT = [1.0, 0.8, 0.85, 0.82, 0.84, 0.81, 0.9, 0.95]
+
+    def __init__(self):
+        super().__init__(layers=1)
+        lp.inject_adapters(self.model, lp.LoraConfig(r=4, lora_dropout=0.0))
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.SCRIPT[self.current_epoch])
+
+
+def test_overfitting_guard_patience_counts_evaluations_without_a_new_best():
+    """Best at epoch 1 (0.8); then 0.85, 0.82, 0.84: three evaluations without a new best, though
+    never two rises in a row. The default patience (3, as EarlyStopping's) stops at epoch 4 and
+    restores epoch 1; a rule of consecutive rises would have gone on to epoch 7."""
+    module, guard = ScriptedValLoss(), OverfittingGuard()
+    assert guard.patience == 3
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer([guard], max_epochs=len(ScriptedValLoss.SCRIPT)).fit(module, sequences(n=8), sequences(n=8))
+    assert (guard.best_epoch, guard.best_score, guard.stopped_epoch) == (1, pytest.approx(0.8), 4)
+    assert guard.restored
+    [message] = [str(w.message) for w in caught if "OverfittingGuard" in str(w.message)]
+    assert "not improved on its best for 3 evaluations (patience 3; val_loss 0.8000 -> 0.8500 -> 0.8200 -> 0.8400)" \
+        in message and "train_loss fell" in message
 
 
 # ------------------------------------------------------------------------------- resume
@@ -183,20 +213,28 @@ def _fit_with_epoch_guard(guard, max_epochs, root, ckpt_path=None):
 
 def test_epoch_guard_stops_after_epoch_3_and_says_why(tmp_path):
     trainer, seen, messages = _fit_with_epoch_guard(EpochGuard(), max_epochs=10, root=tmp_path)
-    assert trainer.current_epoch == 3 and seen == [0, 1, 1]  # 3 epochs; the warning came as epoch 2 started
-    warning, stop = messages
-    assert "starting epoch 2" in warning and "1-3 epochs" in warning and "stops after epoch 3" in warning
+    assert trainer.current_epoch == 3 and seen == [0, 0, 0]  # 3 epochs; nothing said within the bound
+    [stop] = messages
     assert "stopping after epoch 3 (Trainer max_epochs=10)" in stop
     assert "1-3 epochs" in stop and "overfit" in stop and "EpochGuard(max_epochs=5)" in stop
+
+
+def test_epoch_guard_says_nothing_within_its_bound_and_warns_early_only_when_asked(tmp_path):
+    trainer, seen, messages = _fit_with_epoch_guard(EpochGuard(), max_epochs=3, root=tmp_path / "a")
+    assert trainer.current_epoch == 3 and messages == []  # the user chose the recipe's 3 epochs: no warning
+    trainer, seen, messages = _fit_with_epoch_guard(EpochGuard(warn_at=2), max_epochs=10, root=tmp_path / "b")
+    assert trainer.current_epoch == 3 and seen == [0, 1, 1]  # the early warning came as epoch 2 started
+    warning, stop = messages
+    assert "starting epoch 2" in warning and "1-3 epochs" in warning and "stops after epoch 3" in warning
 
 
 def test_epoch_guard_resumes_without_warning_twice(tmp_path):
     """A 2-epoch run ends by itself (no stop message); resumed with max_epochs=10 it runs one more
     epoch, and the warning it gave is not given again."""
-    first, _, messages = _fit_with_epoch_guard(EpochGuard(), max_epochs=2, root=tmp_path / "a")
+    first, _, messages = _fit_with_epoch_guard(EpochGuard(warn_at=2), max_epochs=2, root=tmp_path / "a")
     assert first.current_epoch == 2 and [m for m in messages if "stopping" in m] == []
     [path] = (tmp_path / "a").rglob("*.ckpt")
-    guard = EpochGuard()
+    guard = EpochGuard(warn_at=2)
     trainer, seen, messages = _fit_with_epoch_guard(guard, max_epochs=10, root=tmp_path / "b", ckpt_path=path)
     assert guard.warned and trainer.current_epoch == 3 and seen == [0]
     assert len(messages) == 1 and "stopping after epoch 3" in messages[0]
@@ -208,7 +246,7 @@ def test_epoch_guard_resumes_without_warning_twice(tmp_path):
     (dict(max_epochs=2.5), "whole number of epochs >= 1"),
     (dict(warn_at=0), "warn_at=None for no warning"),
     (dict(max_epochs=3, warn_at=4), r"pass warn_at <= 3 \(e.g. warn_at=3\) or warn_at=None"),
-    (dict(max_epochs=1), r"pass warn_at <= 1"),  # the default warn_at=2 names the fix too
+    (dict(max_epochs=1, warn_at=2), r"pass warn_at <= 1"),
 ])
 def test_epoch_guard_bad_arguments(kwargs, fix):
     with pytest.raises(ValueError, match=fix):
@@ -219,8 +257,8 @@ def test_epoch_guard_bad_arguments(kwargs, fix):
     (dict(monitor=""), "monitor='val_loss'"),
     (dict(train_monitor=3), "train_monitor='train_loss', or None"),
     (dict(train_monitor="val_loss"), "the two must differ"),
-    (dict(patience=0), "patience=2"),
-    (dict(patience=True), "patience=2"),
+    (dict(patience=0), "patience=3"),
+    (dict(patience=True), "patience=3"),
     (dict(min_delta=-0.1), "finite number >= 0"),
     (dict(min_delta=float("nan")), "finite number >= 0"),
 ])

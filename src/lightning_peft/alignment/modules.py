@@ -79,7 +79,8 @@ class DPOModule(_DropoutOff):
     """DPO (or IPO) on a causal LM. Batches come from :class:`PreferenceCollator`.
 
     Logs ``{stage}_loss`` and ``{stage}/rewards_chosen``, ``rewards_rejected``, ``margin``,
-    ``accuracy`` (stage: ``train`` or ``val``). With ``disable_dropout`` (default) every dropout
+    ``accuracy`` (stage: ``train`` or ``val``; in training per step, plus the epoch means
+    ``train/margin_epoch`` and ``train/accuracy_epoch``). With ``disable_dropout`` (default) every dropout
     module of the model gets ``p=0`` at fit start (:func:`disable_dropout`)."""
 
     def __init__(self, model: nn.Module, beta: float = 0.1, label_smoothing: float = 0.0,
@@ -102,6 +103,9 @@ class DPOModule(_DropoutOff):
         self.log_dict({f"{stage}/rewards_chosen": out.chosen_rewards.mean(),
                        f"{stage}/rewards_rejected": out.rejected_rewards.mean(),
                        f"{stage}/margin": out.margin, f"{stage}/accuracy": out.accuracy}, batch_size=half)
+        if stage == "train":  # per step above (noisy: one batch); the epoch mean too, weighted by pairs
+            self.log_dict({"train/margin_epoch": out.margin, "train/accuracy_epoch": out.accuracy},
+                          on_step=False, on_epoch=True, batch_size=half)
         return out.loss
 
     def training_step(self, batch, batch_idx):

@@ -2,9 +2,11 @@
 
 The practical recipe for LoRA / QLoRA fine-tunes is 1-3 epochs over the data. Past that, the
 classic failure is overfitting: the training loss keeps going down while the quality of the
-model (validation loss, downstream evals) goes down too. The guard warns once when epoch
-``warn_at`` starts and sets ``trainer.should_stop`` at the end of epoch ``max_epochs``, so that
-epoch ``max_epochs + 1`` never starts. Epochs are counted as ``Trainer(max_epochs=...)`` counts
+model (validation loss, downstream evals) goes down too. The guard speaks only past its bound: at
+the end of epoch ``max_epochs`` (default 3, the recipe's upper bound), if the Trainer would go on,
+it sets ``trainer.should_stop`` (epoch ``max_epochs + 1`` never starts) and says why. A run that
+ends within the bound by itself (``Trainer(max_epochs=3)``) hears nothing. ``warn_at`` adds an
+early warning when that epoch starts (off by default). Epochs are counted as ``Trainer(max_epochs=...)`` counts
 them: epoch ``n`` is ``trainer.current_epoch == n - 1``.
 """
 
@@ -29,13 +31,14 @@ class EpochGuard(Callback):
     Args:
         max_epochs: the number of epochs after which the fit stops (if the Trainer would go on).
             Raise it explicitly to train longer: ``EpochGuard(max_epochs=5)``.
-        warn_at: the epoch at whose start the guard warns, once per run (a resumed run that
-            already warned does not warn again); ``None``: no warning.
+        warn_at: an epoch at whose start the guard warns, once per run (a resumed run that
+            already warned does not warn again); ``None`` (default): no early warning, only the
+            stop past ``max_epochs``.
 
     Epoch counts are the same on every rank, so the decision needs no reduction across processes.
     """
 
-    def __init__(self, max_epochs: int = 3, warn_at: int | None = 2) -> None:
+    def __init__(self, max_epochs: int = 3, warn_at: int | None = None) -> None:
         super().__init__()
         if not _positive_int(max_epochs):
             raise ValueError(f"EpochGuard(max_epochs={max_epochs!r}): pass a whole number of epochs >= 1, e.g. "

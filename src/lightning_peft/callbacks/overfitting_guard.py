@@ -1,19 +1,24 @@
 """``OverfittingGuard``: stop when the validation loss rises while the training loss falls, and
 put the adapters of the best evaluation back.
 
-Overfitting shows as diverging curves: between two evaluations the training loss keeps falling
-while the validation loss rises. At each evaluation ``i`` (each validation end during fit)::
+Overfitting shows as diverging curves: the training loss keeps falling while the validation loss
+no longer improves. ``patience`` works as in Lightning's ``EarlyStopping``: at each evaluation ``i``
+(each validation end during fit)::
 
-    rose_i  = val_i > val_{i-1} + min_delta
-    fell_i  = train_i < train_{i-1}           (always true with train_monitor=None)
-    count_i = count_{i-1} + 1 if rose_i and fell_i else 0        stop when count_i >= patience
+    improved_i = val_i < best_{i-1} - min_delta        best = the lowest val so far
+    count_i    = 0 if improved_i else count_{i-1} + 1
+    fell_i     = train_i < train_at_best               (always true with train_monitor=None)
+    stop when count_i >= patience and fell_i
+
+so the guard fires ``patience`` evaluations after the best one at the earliest, however the
+validation loss wanders meanwhile (a rise, a small fall, a rise: all count).
 
 ``val_i`` is ``trainer.callback_metrics[monitor]`` at that validation end; ``train_i`` is the mean
 of the values of ``trainer.callback_metrics[train_monitor]`` seen after each training batch since
 the previous evaluation (the training loss over that stretch: the last step's value alone is one
 batch, too noisy to compare, and an epoch-level value is only updated after the epoch's
-validation). Rising validation loss with a rising training loss is divergence, not overfitting:
-it resets the count.
+validation). A validation loss that stops improving while the training loss has not fallen below
+its value at the best evaluation is divergence or a plateau, not overfitting: the guard waits.
 
 Whenever ``val_i`` is the lowest so far, the tensors that train with each adapter are copied to the
 CPU (an adapter is a small fraction of the model): :func:`lightning_peft.inject.adapter_parameters`,
@@ -44,16 +49,18 @@ COPY_KEYS = "parameters"
 
 
 class OverfittingGuard(Callback):
-    """Stop the fit when ``monitor`` rose ``patience`` evaluations in a row while ``train_monitor``
-    fell, and restore the adapters of the evaluation with the lowest ``monitor``.
+    """Stop the fit when ``monitor`` has not improved on its best for ``patience`` evaluations while
+    ``train_monitor`` fell below its value at the best one, and restore the adapters of the
+    evaluation with the lowest ``monitor``.
 
     Args:
         monitor: the validation loss, a key of ``trainer.callback_metrics`` at validation end.
         train_monitor: the training loss, logged in ``training_step`` with ``on_step=True`` (the
             default there); ``None`` to stop on the validation loss alone.
-        patience: how many evaluations in a row must show the rise.
-        min_delta: a rise of ``min_delta`` or less does not count. The best evaluation is the plain
-            minimum of ``monitor``.
+        patience: how many evaluations without an improvement of the best ``monitor`` (as
+            ``EarlyStopping(patience=...)``; default 3, as there).
+        min_delta: an improvement of ``min_delta`` or less does not reset the count. The best
+            evaluation (whose adapters are restored) is the plain minimum of ``monitor``.
 
     Attributes:
         best_score / best_epoch: the lowest ``monitor`` seen and its ``trainer.current_epoch``.
@@ -65,7 +72,7 @@ class OverfittingGuard(Callback):
     so that every rank keeps the same best copy and stops at the same evaluation.
     """
 
-    def __init__(self, monitor: str = "val_loss", train_monitor: str | None = "train_loss", patience: int = 2,
+    def __init__(self, monitor: str = "val_loss", train_monitor: str | None = "train_loss", patience: int = 3,
                  min_delta: float = 0.0) -> None:
         super().__init__()
         if not isinstance(monitor, str) or not monitor:
@@ -80,7 +87,7 @@ class OverfittingGuard(Callback):
                              f"differ: monitor is the validation loss, train_monitor the training loss (or None).")
         if not isinstance(patience, int) or isinstance(patience, bool) or patience < 1:
             raise ValueError(f"OverfittingGuard(patience={patience!r}): pass a whole number of evaluations >= 1, "
-                             f"e.g. patience=2.")
+                             f"e.g. patience=3.")
         if not isinstance(min_delta, (int, float)) or isinstance(min_delta, bool) or not 0 <= min_delta < math.inf:
             raise ValueError(f"OverfittingGuard(min_delta={min_delta!r}): pass a finite number >= 0, the rise of "
                              f"{monitor!r} that counts, e.g. min_delta=0.0 or 0.01.")
@@ -90,6 +97,7 @@ class OverfittingGuard(Callback):
         self.min_delta = float(min_delta)
         self.best_score = math.inf
         self.best_epoch: int | None = None
+        self.best_train: float | None = None  # train_monitor over the stretch that ended at the best evaluation
         self.wait_count = 0
         self.history: list[dict[str, Any]] = []  # the last patience + 1 evaluations: epoch, monitor, train_monitor
         self.stopped_epoch: int | None = None
@@ -130,19 +138,17 @@ class OverfittingGuard(Callback):
 
     def _run_overfitting_check(self, trainer, pl_module) -> None:
         val, train = self._current_values(trainer)
-        if self.history:
-            previous = self.history[-1]
-            rose = val > previous["monitor"] + self.min_delta
-            fell = train is None or train < previous["train_monitor"]
-            self.wait_count = self.wait_count + 1 if rose and fell else 0
+        improved = val < self.best_score - self.min_delta
+        self.wait_count = 0 if improved else self.wait_count + 1
         if val < self.best_score:
-            self.best_score, self.best_epoch = val, trainer.current_epoch
+            self.best_score, self.best_epoch, self.best_train = val, trainer.current_epoch, train
             self._best_adapters, self._copy_keys = _copy_adapters(pl_module), COPY_KEYS
+        fell = train is None or self.best_train is None or train < self.best_train
         entry = {"epoch": trainer.current_epoch, "monitor": val, "train_monitor": train}
         self.history = (self.history + [entry])[-(self.patience + 1):]
 
         # stop every process if any process decides to stop (as EarlyStopping does)
-        should_stop = trainer.strategy.reduce_boolean_decision(self.wait_count >= self.patience, all=False)
+        should_stop = trainer.strategy.reduce_boolean_decision(self.wait_count >= self.patience and fell, all=False)
         trainer.should_stop = trainer.should_stop or should_stop
         if should_stop and self.stopped_epoch is None:
             self.stopped_epoch = trainer.current_epoch
@@ -191,17 +197,17 @@ class OverfittingGuard(Callback):
         def trail(key: str) -> str:
             return " -> ".join(f"{entry[key]:.4f}" for entry in self.history[-(self.wait_count + 1):])
 
-        if self.train_monitor is None:
-            what = f"{self.monitor} rose for {self.wait_count} evaluations in a row ({trail('monitor')})"
-        else:
-            what = (f"{self.monitor} rose for {self.wait_count} evaluations while {self.train_monitor} fell "
-                    f"({self.monitor} {trail('monitor')}; {self.train_monitor} {trail('train_monitor')})")
+        what = (f"{self.monitor} has not improved on its best for {self.wait_count} evaluations (patience "
+                f"{self.patience}; {self.monitor} {trail('monitor')})")
+        if self.train_monitor is not None:
+            what += f" while {self.train_monitor} fell ({trail('train_monitor')})"
         return (f"OverfittingGuard: {what}: stopping at epoch {self.stopped_epoch}, adapters restored to epoch "
                 f"{self.best_epoch} ({self.monitor} {self.best_score:.4f}). Epochs are trainer.current_epoch, as in "
                 f"checkpoint names.")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best_score": self.best_score, "best_epoch": self.best_epoch, "wait_count": self.wait_count,
+        return {"best_score": self.best_score, "best_epoch": self.best_epoch, "best_train": self.best_train,
+                "wait_count": self.wait_count,
                 "history": [dict(entry) for entry in self.history], "stopped_epoch": self.stopped_epoch,
                 "best_adapters": self._best_adapters, "keys": self._copy_keys, "train_sum": float(self._train_sum),
                 "train_count": self._train_count}
@@ -209,6 +215,7 @@ class OverfittingGuard(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best_score = state_dict["best_score"]
         self.best_epoch = state_dict["best_epoch"]
+        self.best_train = state_dict.get("best_train")  # absent in checkpoints of earlier versions
         self.wait_count = state_dict["wait_count"]
         self.history = [dict(entry) for entry in state_dict["history"]]
         self.stopped_epoch = state_dict["stopped_epoch"]
