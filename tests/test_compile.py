@@ -182,3 +182,41 @@ def test_quantized_base_traces_as_one_graph(quant_type):
     with torch.no_grad():
         assert rel_err(compiled(x), model(x)) <= 1e-5
     assert _graphs() == 2 and not counters["graph_break"]
+
+
+def test_mixed_adapter_batches_trace_once_for_every_ids():
+    """Under torch.compile a mixed batch takes its rows' slots as a tensor (set by adapter_ids): one
+    graph serves every ids of a batch size (LoRA, DoRA, partial targets, base rows), gives the eager
+    outputs and gradients, and sees a hot swap without recompiling."""
+    torch.manual_seed(0)
+    model = lp.inject_adapters(Mlp(), lp.LoraConfig(r=4, lora_dropout=0.0, target_modules="all-linear",
+                                                    init_lora_weights=False))
+    lp.inject_adapters(model, lp.LoraConfig(r=8, lora_dropout=0.0, use_dora=True, target_modules="all-linear",
+                                          init_lora_weights=False), "b")
+    lp.inject_adapters(model, lp.LoraConfig(r=2, lora_dropout=0.1, target_modules=["q_proj", "down_proj"],
+                                          init_lora_weights=False), "c")
+    lp.set_adapter(model, "default", trainable=True)
+    compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)
+    x = torch.randn(4, 8, 32)
+    model.eval()
+    with torch.no_grad():
+        for ids in (["default", "b", None, "c"], ["b", "b", "c", "default"], [None] * 4):
+            with lp.adapter_ids(model, ids):
+                assert rel_err(compiled(x), model(x)) <= 1e-6
+        assert _graphs() == 1
+        layer = model.down_proj
+        layer.lora_B["c"].weight.mul_(3.0)  # a hot swap of adapter c
+        with lp.adapter_ids(model, ["c", "c", None, "b"]):
+            assert rel_err(compiled(x), model(x)) <= 1e-6
+        assert _graphs() == 1
+    model.train()
+    model.q_proj.lora_dropout["c"].p = model.down_proj.lora_dropout["c"].p = 0.0  # same function eager/compiled
+    for ids in (["default", "b", None, "c"], ["c", "default", "default", None]):
+        grads = []
+        for fn in (compiled, model):
+            model.zero_grad(set_to_none=True)
+            with lp.adapter_ids(model, ids):
+                fn(x).square().mean().backward()
+            grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+        assert all(rel_err(a, b) <= 1e-5 for a, b in zip(*grads))
+    assert _graphs() == 2 and not counters["graph_break"]  # + the training graph, once

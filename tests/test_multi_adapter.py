@@ -578,7 +578,7 @@ def test_hot_swap_equals_a_fresh_load_and_keeps_every_storage(tmp_path):
 def test_a_compiled_model_keeps_running_through_a_hot_swap(tmp_path):
     """torch.compile (dynamo + AOT autograd, no C++ build) treats the adapter tensors as graph
     inputs: after an in-place hot swap the same compiled graph computes the new adapter, with no
-    recompilation. Mixed batches run compiled too (with graph breaks: docs/multi-adapter.md)."""
+    recompilation. Mixed batches run compiled too (one graph: tests/test_compile.py)."""
     from torch._dynamo.utils import counters
 
     first, second = _saved(tmp_path, "first", 1), _saved(tmp_path, "second", 2)
@@ -603,7 +603,7 @@ def test_a_compiled_model_keeps_running_through_a_hot_swap(tmp_path):
         lp.set_adapter(model, "default", trainable=False)
         ids = ["a", "default"]
         torch._dynamo.reset()
-        with lp.adapter_ids(model, ids):  # dynamo alone: the graph breaks make AOT compiles slow for a test
+        with lp.adapter_ids(model, ids):  # dynamo alone: fast
             mixed = torch.compile(model, backend="eager")(input_ids=input_ids).logits
     assert max_abs(mixed, _each_row_alone(model, input_ids, ids)) <= 1e-5
     torch._dynamo.reset()

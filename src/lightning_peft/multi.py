@@ -43,7 +43,7 @@ from .inject import (
 )
 from .methods import AdapterModule, LoraLayer, LoraParamLayer
 from .methods.lora import lora_scaling
-from .methods.mixed import release_batch_memos
+from .methods.mixed import _row_index, release_batch_memos
 
 BASE = "__base__"  # HF PEFT's name for "no adapter" in adapter_names=; same as None here
 METHODS = ("linear", "cat", "svd")
@@ -119,10 +119,16 @@ def adapter_ids(model: nn.Module, ids: Sequence[str | None]):
     # plain attributes, written to the instance dicts directly: nn.Module.__setattr__ (which checks
     # for parameters, modules and buffers) cost ~0.15 ms per batch over 28 layers, 0.6% of a forward
     previous = [(m.__dict__, "row_adapters", m.row_adapters) for m in lora_layers] + \
+        [(m.__dict__, "row_slots", m.__dict__.get("row_slots")) for m in lora_layers] + \
         [(m.__dict__, "disabled", m.disabled) for m in others]
+    slots: dict = {}  # (the layer's adapter names, device) -> each row's stack slot [N]: for torch.compile
     try:
         for module in lora_layers:
             module.__dict__["row_adapters"] = names
+            key = (tuple(module.scaling), module.base_layer.weight.device)
+            if key not in slots:
+                slots[key] = _row_index(names, key[0], key[1])
+            module.__dict__["row_slots"] = slots[key]
         for module in others:
             module.__dict__["disabled"] = True
         yield model

@@ -84,7 +84,7 @@ class _PEFTSetup:
                  nonfinite_patience: int = 10, **kwargs: Any) -> None:
         if not isinstance(compile, (bool, dict)):
             raise TypeError(f"compile={compile!r}: use True (torch.compile's defaults), False, or a dict of "
-                            f"torch.compile keyword arguments, e.g. {{'backend': 'inductor', 'mode': 'max-autotune'}}.")
+                            f"torch.compile keyword arguments, e.g. {{'mode': 'max-autotune'}}.")
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite={nonfinite!r}: use 'raise' (stop at the first NaN/inf loss or adapter gradient, "
                              f"the default) or 'skip' (skip such steps, stop after nonfinite_patience in a row).")

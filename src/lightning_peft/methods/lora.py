@@ -82,6 +82,7 @@ class LoraLayer(MixedBatchMixin, WeightLayer):
         self.scaling: dict[str, float] = {}
         self.dora_merge_norms: dict[str, torch.Tensor] = {}  # row norms at merge time, for unmerge
         self.row_adapters: tuple[str | None, ...] | None = None  # per-row adapter names (adapter_ids)
+        self.row_slots: torch.Tensor | None = None  # the same as stack slots [N] (for torch.compile, see mixed.py)
         self._stack_cache: dict | None = None  # stacked adapters for mixed batches (see module doc)
 
     # ------------------------------------------------------------------------------ adapters
@@ -314,7 +315,10 @@ class LoraLayer(MixedBatchMixin, WeightLayer):
 
     # ------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.row_adapters is not None and not self.disabled:
+        if torch.compiler.is_compiling():  # a mixed batch's ids as a tensor: one graph for every ids
+            if self.row_slots is not None and not self.disabled:
+                return self._traced_mixed_forward(x, *args, **kwargs)
+        elif self.row_adapters is not None and not self.disabled:
             return self._mixed_forward(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         name = self.active_adapter

@@ -31,6 +31,13 @@ objects per layer, ~1 ms (4%) of a 16-token forward in benchmarks/multi_adapter.
 autograd needs the adapter tensors (training through a mixed batch) the stack is built fresh,
 differentiably, and the cache is dropped: the next no-grad batch restacks whatever the
 optimizer (or anything else) did to the tensors.
+
+Under ``torch.compile`` none of that machinery is traced (version counters, memos and
+``is_inference`` are graph breaks, and Python ids would specialise the graph on each batch's
+ids): :func:`lightning_peft.adapter_ids` also gives every layer its rows' slots as an index tensor
+(``row_slots``, built outside the traced region, shared by the layers holding the same adapters),
+and the traced forward stacks the adapters inside the graph, differentiably, then runs the
+per-row path on that index. Different ids of the same batch size run the same graph.
 """
 
 from __future__ import annotations
@@ -270,6 +277,40 @@ class MixedBatchMixin:
         if not uses_dora:
             return result + lora
         scale = stack["dora"][index].to(result.dtype).view(rows, *[1] * (result.dim() - 2), -1)
+        bias = getattr(self.base_layer, "bias", None)
+        out = result if bias is None else result - bias
+        out = (out + lora) * scale
+        return out if bias is None else out + bias
+
+    def _traced_mixed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The per-row forward as ``torch.compile`` traces it: slots from ``row_slots`` (a tensor
+        set by ``adapter_ids``), the stack built in the graph (no cache), no grouping."""
+        result = self.base_layer(x, *args, **kwargs)
+        if not self.scaling:
+            return result
+        index = self.row_slots
+        rows = x.shape[0]
+        if index is None or index.shape[0] != rows:
+            given = None if index is None else index.shape[0]
+            raise ValueError(f"adapter_ids gave {given} ids, but this layer got a batch of {rows} rows "
+                             f"(input {tuple(x.shape)}); give one id per row of the batch.")
+        if any(m.bias is not None for m in self.lora_B.values()):
+            raise ValueError("an adapter of this layer has a lora_B bias (lora_bias=True), which compiled "
+                             "mixed-adapter batches do not support; run its rows with use_adapter instead.")
+        stack = self._build_stack()
+        A_stack, B_stack = stack["A"], stack["B"]
+        if self.kind == "embedding":
+            shrunk = A_stack[index.view(-1, *[1] * (x.dim() - 1)), x].reshape(rows, -1, A_stack.shape[-1])
+        else:
+            h = x.to(A_stack.dtype)
+            if self.training and stack["p"] is not None:  # inverted dropout with each row's own p
+                p = stack["p"].index_select(0, index).view(-1, *[1] * (x.dim() - 1))
+                h = h * (torch.rand_like(h) >= p) / (1.0 - p)
+            shrunk = torch.bmm(h.reshape(rows, -1, self.in_features), A_stack.index_select(0, index))
+        lora = torch.bmm(shrunk, B_stack.index_select(0, index)).view(result.shape).to(result.dtype)
+        if stack["dora"] is None:
+            return result + lora
+        scale = stack["dora"].index_select(0, index).to(result.dtype).view(rows, *[1] * (result.dim() - 2), -1)
         bias = getattr(self.base_layer, "bias", None)
         out = result if bias is None else result - bias
         out = (out + lora) * scale
