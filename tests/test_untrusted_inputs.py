@@ -271,6 +271,22 @@ def test_cli_inspect_and_merge_answer_bad_adapters_with_one_line(tmp_path, capsy
         assert not (tmp_path / "merged" / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("what", ["code", "empty", "missing"])
+def test_cli_fit_answers_a_bad_ckpt_path_with_one_line(tmp_path, capsys, what):
+    marker, path = tmp_path / "ran", tmp_path / "run.ckpt"
+    if what == "code":
+        _evil_checkpoint(path, marker)
+    elif what == "empty":
+        path.write_bytes(b"")
+    code, err = _cli(capsys, "fit", "--model", "lightning_peft.toy.TinyCausalLM", "--model.hidden_size", "16",
+                     "--data", "lightning_peft.toy.SyntheticTokens", "--trainer.strategy", "lora",
+                     "--trainer.max_steps", "1", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                     "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(path))
+    lines = [line for line in err.splitlines() if line.startswith("lightning-peft")]
+    assert code == 2 and lines[-1].startswith("lightning-peft fit: error: ") and str(path) in lines[-1], err
+    assert "Traceback" not in err and not marker.exists()
+
+
 # ----------------------------------------------------------------------------------- the sweep
 def test_bad_input_sweep_gives_only_clear_errors(tmp_path):
     """scripts/reliability_inputs.py on every other input (the script alone runs all of them): each
