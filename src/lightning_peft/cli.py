@@ -119,21 +119,21 @@ def _lightning_cli_class():
                 kwargs["callbacks"] = [*callbacks, RichProgressBar()]
             return super().instantiate_trainer(**kwargs)
 
+        def _parse_ckpt_path(self) -> None:
+            """Lightning reads ``ckpt_path``'s hyper-parameters here, before any Trainer exists. Our
+            loader reads it first, so that a refused checkpoint (a pickle that would run code) or an
+            unreadable one is one clear error naming the file."""
+            from .checkpoint import load_checkpoint_file
+
+            subcommand = self.config.get("subcommand")
+            ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+            if ckpt_path and Path(ckpt_path).is_file():
+                load_checkpoint_file(ckpt_path)
+            super()._parse_ckpt_path()
+
     PEFTLightningCLI.__module__ = __name__
     _CLI_CLASS.append(PEFTLightningCLI)
     return PEFTLightningCLI
-
-    def _parse_ckpt_path(self) -> None:
-        """Lightning reads ``ckpt_path``'s hyper-parameters here, before any Trainer exists. Our
-        loader reads it first, so that a refused checkpoint (a pickle that would run code) or an
-        unreadable one is one clear error naming the file."""
-        from .checkpoint import load_checkpoint_file
-
-        subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and Path(ckpt_path).is_file():
-            load_checkpoint_file(ckpt_path)
-        super()._parse_ckpt_path()
 
 
 def run_lightning(argv: list[str], from_sys_argv: bool = False) -> int:
