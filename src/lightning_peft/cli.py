@@ -54,6 +54,7 @@ from .merge import MANIFEST_NAME, export_merged
 from .methods.lora import lora_scaling
 from .quantize import quantize_base
 from .spectrum import TOP_VALUES_SHOWN, effective_rank, factor_singular_values
+from .tables import name_width, shorten_names
 
 # Lightning (fit & co., a LightningModule as --base), transformers (a model directory as --base) and
 # bitsandbytes (--quantize) are imported by the command that needs them: --help and inspect start
@@ -421,10 +422,15 @@ def print_summary(summary: AdapterSummary, console: Console | None = None) -> No
     console.print(counts)
 
     modules = Table(title="the same, per module (layer numbers as *)")
-    for column in ("module", "modules", "tensors", "parameters", "bytes"):
-        modules.add_column(column, justify="left" if column == "module" else "right", no_wrap=column == "module")
-    for group, numbers in summary.modules.items():
-        modules.add_row(group, *(f"{n:,}" for n in numbers))
+    rows = {group: [f"{n:,}" for n in numbers] for group, numbers in summary.modules.items()}
+    widths = [max([len(column)] + [len(row[i]) for row in rows.values()]) for i, column in
+              enumerate(("modules", "tensors", "parameters", "bytes"))]
+    shown = shorten_names(rows, name_width(rows, console.width, widths))
+    modules.add_column("module", no_wrap=True)
+    for column, least in zip(("modules", "tensors", "parameters", "bytes"), widths):
+        modules.add_column(column, justify="right", no_wrap=True, min_width=least)  # numbers are never cut
+    for group, numbers in rows.items():
+        modules.add_row(shown[group], *numbers)
     console.print(modules)
 
     if summary.method != "LORA":
@@ -435,15 +441,18 @@ def print_summary(summary: AdapterSummary, console: Console | None = None) -> No
     ranks = [layer.effective_rank for layer in summary.layers]
     spectra = Table(title=f"rank spectrum of s·B·A per layer (effective rank at {summary.energy:.0%} energy)",
                     caption=_spectrum_caption(summary, ranks))
-    widest = max(len(layer.path) for layer in summary.layers)
-    spectra.add_column("layer", no_wrap=True, min_width=widest)  # names stay whole; the values wrap
+    values = {layer.path: ", ".join(f"{v:.3g}" for v in layer.singular_values[:TOP_VALUES_SHOWN].tolist())
+              for layer in summary.layers}
+    # names lose their middle if the terminal is narrow (the end tells q/k/v apart); numbers wrap, never cut
+    shown = shorten_names(values, name_width(values, console.width, [3, 5, 8, 9, 16]))
+    spectra.add_column("layer", no_wrap=True)
     for column in ("r", "s", "‖s·B·A‖", "eff. rank"):
         spectra.add_column(column, justify="right", no_wrap=True)
-    spectra.add_column(f"top {TOP_VALUES_SHOWN} singular values", justify="right")
+    spectra.add_column(f"top {TOP_VALUES_SHOWN} singular values", justify="right", overflow="fold")
     for layer in summary.layers:
         sigma = layer.singular_values
-        spectra.add_row(layer.path, str(layer.r), f"{layer.scaling:.3g}", f"{sigma.norm().item():.3g}",
-                        str(layer.effective_rank), ", ".join(f"{v:.3g}" for v in sigma[:TOP_VALUES_SHOWN].tolist()))
+        spectra.add_row(shown[layer.path], str(layer.r), f"{layer.scaling:.3g}",
+                        f"{sigma.norm().item():.3g}", str(layer.effective_rank), values[layer.path])
     console.print(spectra)
 
 

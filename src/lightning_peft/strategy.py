@@ -158,10 +158,7 @@ class _PEFTSetup:
         if self.gradient_checkpointing:
             enable_gradient_checkpointing(target)
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        total = sum(logical_numel(p) for p in module.parameters())  # 4-bit: weights, not packed bytes
-        rank_zero_info(f"lightning-peft: {trainable:,} trainable of {total:,} parameters "
-                       f"({100 * trainable / max(total, 1):.3f} %), quantization="
-                       f"{self.quant_config.quant_type if self.quant_config else None}")
+        rank_zero_info(parameter_count_line(module, self.quant_config.quant_type if self.quant_config else None))
 
     def on_train_start(self) -> None:
         super().on_train_start()
@@ -417,6 +414,22 @@ def restore_adapters(module: nn.Module, checkpoint_path, quantize: bool = True) 
 
 
 # ---------------------------------------------------------------------------------- strategies
+def parameter_count_line(module, quantization: str | None) -> str:
+    """``lightning-peft: T trainable of N parameters (...)``. ``N`` counts a 4-bit weight as the
+    ``out * in`` weights it stands for; Lightning's ModelSummary counts ``numel()`` of the packed
+    storage (two 4-bit weights per byte), so it shows fewer: when they differ, the line says both."""
+    params = list(module.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(logical_numel(p) for p in params)
+    stored = sum(p.numel() for p in params)
+    line = (f"lightning-peft: {trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.3f} %), "
+            f"quantization={quantization}")
+    if stored != total:
+        line += (f"; a 4-bit weight counts as the weights it stands for here, while Lightning's model summary "
+                 f"counts its packed storage (two per byte): {stored:,} in all there")
+    return line
+
+
 class PEFTStrategy(_PEFTSetup, SingleDeviceStrategy):
     """Single-device PEFT: ``PEFTStrategy(peft_config=LoraConfig(...), quantization="nf4")``.
 

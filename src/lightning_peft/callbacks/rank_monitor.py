@@ -28,6 +28,7 @@ from rich.table import Table
 
 from ..inject import adapter_configs, adapter_modules
 from ..methods import LoraLayer
+from ..tables import name_width, shorten_names
 from ..spectrum import (TOP_VALUES_SHOWN, delta_singular_values, effective_rank,  # noqa: F401 (re-exported)
                         factor_singular_values)
 
@@ -157,12 +158,18 @@ class RankMonitor(Callback):
     def _print_table(self) -> None:
         table = Table(title=f"LoRA effective rank ({self.energy:.0%} of the energy), step {self.steps[-1]}",
                       caption=self.suggestion)
-        for column in ("layer", "r", "effective rank", f"top {TOP_VALUES_SHOWN} singular values"):
-            table.add_column(column, justify="left" if column == "layer" else "right")
+        console = Console()
+        tops = {path: ", ".join(f"{v:.3g}" for v in self.spectra[path][-1][:TOP_VALUES_SHOWN])
+                for path in self.effective_ranks}
+        # numbers are never cut (the values wrap at their commas); names lose their middle if need be
+        shown = shorten_names(tops, name_width(tops, console.width, [2, len("effective rank"), 16]))
+        table.add_column("layer", no_wrap=True)
+        table.add_column("r", justify="right", no_wrap=True)
+        table.add_column("effective rank", justify="right", no_wrap=True)
+        table.add_column(f"top {TOP_VALUES_SHOWN} singular values", justify="right", overflow="fold")
         for path, ranks in self.effective_ranks.items():
-            top = ", ".join(f"{v:.3g}" for v in self.spectra[path][-1][:TOP_VALUES_SHOWN])
-            table.add_row(path, str(self.ranks[path]), str(ranks[-1]), top)
-        Console().print(table)
+            table.add_row(shown[path], str(self.ranks[path]), str(ranks[-1]), tops[path])
+        console.print(table)
 
     def figure(self):
         """The figure :meth:`_plot` writes (``matplotlib.figure.Figure``): the latest spectra as
