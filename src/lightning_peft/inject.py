@@ -170,6 +170,7 @@ def _select(model: nn.Module, names, exclude=None, saved=None, each: bool = True
         if not targets:
             raise ValueError(f'target_modules="all-linear" found no nn.Linear / Conv1D layer in '
                              f"{type(model).__name__}; name the layers to adapt instead.")
+        _warn_if_mostly_convolutions(model, targets, modules)
         return targets
     targets = [(p, m) for p, m in candidates if _matches(names, p)]
     wanted = [names] if isinstance(names, str) else [[n] for n in names]
@@ -226,6 +227,24 @@ def _attention_targets(model: nn.Module, config: LoraConfig, targets: list) -> l
                 chosen.setdefault(path, module)
     order = {p: i for i, (p, _) in enumerate(_user_modules(model))}
     return sorted(chosen.items(), key=lambda item: order.get(item[0], 0))
+
+
+_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # torch's; transformers' Conv1D is a linear layer
+
+
+def _warn_if_mostly_convolutions(model: nn.Module, targets, modules) -> None:
+    """``"all-linear"`` picks linear layers only (as in PEFT): say so, with the counts, when the
+    model's convolutions hold more weights than the layers it picked (a CNN whose only linear
+    layer is its classifier would otherwise train that alone, silently)."""
+    convs = [(p, _unwrap(m)) for p, m in modules if isinstance(_unwrap(m), _CONVOLUTIONS)]
+    conv = sum(m.weight.numel() for _, m in convs)
+    adapted = sum(_unwrap(m).weight.numel() for _, m in targets)
+    if conv > adapted:
+        n = len(targets)
+        warnings.warn(f'target_modules="all-linear" adapts {n} linear layer{"s" if n != 1 else ""} with {adapted:,} '
+                      f"weights, but {len(convs)} convolution layers hold {conv:,} weights that it leaves alone (it "
+                      f"picks linear layers only, as in PEFT). To adapt the convolutions, name them in target_modules, "
+                      f"e.g. target_modules={[p for p, _ in convs[:3]]}.", stacklevel=4)
 
 
 def _find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
@@ -453,6 +472,31 @@ def _note_float_layers(model: nn.Module, targets) -> None:
                   f"has no 4-bit kernel for them; their adapters train on the float weight.")
 
 
+# children that their parent never calls as a module: it reads their weight. nn.MultiheadAttention
+# passes out_proj.weight and .bias to F.multi_head_attention_forward, so anything wrapping out_proj
+# (a LoRA, (IA)^3 or BitFit layer, a modules_to_save copy) would get no input and no gradient while
+# counting as trainable and being saved (docs/architecture.md, "Errors").
+_WEIGHT_READ_CHILDREN = ((nn.MultiheadAttention, "out_proj"),)
+
+
+def _refuse_weight_read(model: nn.Module, targets, what: str) -> None:
+    """Refuse targets whose parent reads their weight instead of calling them (see above)."""
+    dead = []
+    for path, _ in targets:
+        parent_path, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        kinds = [kind.__name__ for kind, child in _WEIGHT_READ_CHILDREN if isinstance(parent, kind) and attr == child]
+        if kinds:
+            dead.append((path, kinds[0], attr))
+    if dead:
+        path, kind, attr = dead[0]
+        paths = [p for p, _, _ in dead]
+        raise ValueError(f"{what} cannot go on {paths[:5]}: {kind} never calls its {attr} as a module (its forward "
+                         f"reads {attr}.weight directly), so the adapter would get no input and no gradient while "
+                         f"counting as trainable. Leave it out: exclude_modules={sorted({p.rsplit('.', 1)[-1] for p in paths})} "
+                         f"(or name other modules in target_modules / modules_to_save).")
+
+
 def _find_saved(model: nn.Module, config) -> list[tuple[str, nn.Module]]:
     """The modules ``config.modules_to_save`` names (each name must match one)."""
     saved = [(p, m) for p, m in _user_modules(model)
@@ -460,6 +504,7 @@ def _find_saved(model: nn.Module, config) -> list[tuple[str, nn.Module]]:
     if config.modules_to_save and not saved:
         raise ValueError(f"modules_to_save={config.modules_to_save} matches no module; closest names: "
                          f"{_closest(config.modules_to_save[0], [p for p, _ in _user_modules(model)])}.")
+    _refuse_weight_read(model, saved, "modules_to_save")
     return saved
 
 
@@ -476,6 +521,7 @@ def _wrap_saved(model: nn.Module, saved: list[tuple[str, nn.Module]], adapter_na
 def _wrap_all(model: nn.Module, targets, cls: type, method: str, add, make=None) -> None:
     """Wrap each ``(path, module)`` in ``cls`` (reusing a wrapper of the same class) and call
     ``add(layer, path)``; everything is checked before anything changes."""
+    _refuse_weight_read(model, targets, method)
     taken = [(p, m.method) for p, m in targets if isinstance(m, AdapterModule) and not isinstance(m, cls)]
     if taken:
         raise ValueError(f"{method} cannot go on modules that already carry another method's adapter: {taken[:5]}. "

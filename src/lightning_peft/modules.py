@@ -29,6 +29,18 @@ def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_path) if parent_path else model, child, new)
 
 
+def final_linear(model: nn.Module) -> nn.Module | None:
+    """The model's last direct child when it is an ``nn.Linear`` (seen through an adapter
+    wrapper): the output layer of a classifier or regressor built from torch modules (a CNN's
+    ``classifier``, an MLP's last layer), which transformers' bitsandbytes integration also keeps
+    in float. None otherwise (a transformers base model ends with its norm)."""
+    children = list(model.children())
+    last = children[-1] if children else None
+    while last is not None and hasattr(last, "wrapped_attr") and last.wrapped_attr:  # an adapter module
+        last = getattr(last, last.wrapped_attr)
+    return last if isinstance(last, nn.Linear) else None
+
+
 def output_heads(model: nn.Module) -> set[int]:
     """``id``s of the output heads in ``model``: what ``get_output_embeddings()`` returns for
     ``model`` and every submodule that has it (a transformers model inside a LightningModule),

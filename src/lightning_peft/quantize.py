@@ -32,7 +32,7 @@ from rich.table import Table  # noqa: E402
 from torch import nn  # noqa: E402
 
 from .config import QuantConfig  # noqa: E402
-from .modules import find_attribute, is_adapter_module, output_heads, replace_module  # noqa: E402
+from .modules import final_linear, find_attribute, is_adapter_module, output_heads, replace_module  # noqa: E402
 
 QUANT_CONFIG_ATTR = "lp_quant_config"
 
@@ -150,6 +150,9 @@ def quantization_targets(model: nn.Module, config: QuantConfig) -> list[tuple[st
         raise RuntimeError("quantize_base must run before inject_adapters: the adapters would wrap the float "
                            "layers. Quantize first, then inject (or use load_adapter after quantizing).")
     heads = output_heads(model)
+    head = final_linear(model)  # any model's output layer stays float, not only a transformers head
+    if head is not None:
+        heads.add(id(head))
     targets = [(path, m) for path, m in model.named_modules()
                if type(m) is nn.Linear and not _skipped(path, m, heads, config)]
     if not targets:
