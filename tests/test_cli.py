@@ -258,6 +258,8 @@ def _bad_inputs(root: Path, tmp: Path) -> list[tuple[list, str]]:
          f"sub-folders (chat), none at its top; give one of them: {tmp / 'only_named' / 'chat'}."),
         ([*merge, "--base", tmp / "missing", "--adapter", root / "adapter"], "no such directory"),
         ([*merge, "--base", tmp / "empty", "--adapter", root / "adapter"], "no config.json"),
+        ([*merge, "--base", root / "base", "--adapter", root / "adapter", "--max-shard-size", "lots"],
+         "--max-shard-size lots: give bytes"),
         ([*merge, "--base", "no_such_package.models:build", "--adapter", root / "adapter"], "no_such_package"),
         ([*merge, "--base", "lightning_peft.toy:NoSuchModel", "--adapter", root / "adapter"], "NoSuchModel"),
         (["merge", "--out", tmp / "file.txt", "--base", root / "base", "--adapter", root / "adapter"], "--out"),

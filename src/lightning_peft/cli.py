@@ -550,6 +550,12 @@ def _refuse_unmergeable(adapter: Path) -> None:
 
 
 def command_merge(args: argparse.Namespace) -> None:
+    from .export import parse_size
+
+    try:
+        parse_size(args.max_shard_size)  # before the (possibly large) base is loaded
+    except ValueError as err:
+        raise CLIError(f"--max-shard-size {args.max_shard_size}: {str(err).split(': ', 1)[-1]}") from None
     adapter = adapter_directory(args.adapter, "--adapter")
     _refuse_unmergeable(adapter)
     out = Path(args.out)
