@@ -13,7 +13,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning_peft as lp
 from lightning_peft.strategy import NonFiniteTrainingError
 
 

@@ -8,7 +8,6 @@ a tokenizer given by path; the CLI recipe end to end on a tiny local Llama and a
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import lightning as L

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 
 import lightning as L
 import pytest
 import torch
-from torch import nn
 
 import lightning_peft as lp
 from conftest import tiny_llama

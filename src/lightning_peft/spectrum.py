@@ -5,7 +5,12 @@ Light on imports (torch only): ``lightning-peft inspect`` uses it without loadin
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from .methods.lora import LoraLayer
 
 TOP_VALUES_SHOWN = 5
 

@@ -157,7 +157,6 @@ class _PEFTSetup:
         set_adapter(module, self.adapter_name)  # freezes what lies outside the target as well
         if self.gradient_checkpointing:
             enable_gradient_checkpointing(target)
-        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
         rank_zero_info(parameter_count_line(module, self.quant_config.quant_type if self.quant_config else None))
 
     def on_train_start(self) -> None:

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from rich.console import Console
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
