@@ -1,16 +1,23 @@
-"""Training-step speed of LoRA and DoRA: lightning-peft against HF PEFT, on CPU.
+"""Training-step speed against the floor: lightning-peft and HF PEFT as multiples of the frozen base, on CPU.
 
-Four variants are built from the same seed (identical base weights) and fed the same batch:
-ours LoRA, PEFT LoRA, ours DoRA, PEFT DoRA (r=16, alpha=32, dropout 0.05, all linear layers
-but lm_head, fp32, ``model.train()``). One timed step is forward + cross-entropy on random labels +
-backward, gradients cleared in between (no optimizer). The variants are interleaved round-robin
-(one step of each per round, starting variant rotating) so that machine drift hits all of them
-alike; the first ``--warmup`` rounds are dropped and the median of the next ``--steps`` is reported,
-with ratios taken against a baseline from the same run.
+Every variant is built from the same seed (identical base weights, checked) and fed the same
+batch: the frozen base (no adapters, every weight frozen, backward through the activations only:
+the floor an adapter can approach), full fine-tuning (every weight trains), and for ours and PEFT:
+LoRA without dropout, LoRA with dropout 0.05, DoRA with dropout 0.05 (r=16, alpha=32, all linear
+layers but lm_head, fp32, ``model.train()``). With ``--compile`` each also runs under
+``torch.compile`` (inductor; the compiled and eager variants share the model). One timed step is
+forward + cross-entropy on random labels + backward, gradients cleared in between (no optimizer).
+The variants are interleaved round-robin (one step of each per round, the starting variant
+rotating) so that drift of a busy machine hits them alike; the first ``--warmup`` rounds are
+dropped, and every row is a multiple of the frozen base from the same run (eager rows of the eager
+base, compiled rows of the compiled base): the median over the timed rounds of the variant's step
+time over the base's step time in that round (drift between rounds cancels), with the median ms
+and the p25-p75 ms of the variant's own steps beside it.
 
-    python benchmarks/lora_step.py                 # full size: Llama h=256, 4 layers, batch 8 x 128
-    python benchmarks/lora_step.py --quick         # smoke test, a few seconds
-    python benchmarks/lora_step.py --out table.md  # also write the markdown table to a file
+    python benchmarks/lora_step.py                     # eager only: Llama h=256, 4 layers, batch 8 x 128
+    python benchmarks/lora_step.py --compile           # eager and compiled columns (compiling takes minutes)
+    python benchmarks/lora_step.py --quick             # smoke test, a few seconds
+    python benchmarks/lora_step.py --out table.md      # also write the markdown table to a file
 """
 
 from __future__ import annotations
@@ -32,14 +39,17 @@ import torch.nn.functional as F  # noqa: E402
 FULL = dict(hidden=256, layers=4, intermediate=688, vocab=1000, heads=4, kv_heads=4, batch=8, seq=128)
 QUICK = dict(hidden=64, layers=2, intermediate=172, vocab=128, heads=4, kv_heads=4, batch=2, seq=16)
 
-VARIANTS = ("ours LoRA", "PEFT LoRA", "ours DoRA", "PEFT DoRA")
-# the ratio column: each variant's median over the median of its baseline (same run), and why
-RATIOS = {
-    "PEFT LoRA": (None, "baseline"),
-    "ours LoRA": ("PEFT LoRA", "target <= 1.0"),
-    "PEFT DoRA": ("PEFT LoRA", "reference"),
-    "ours DoRA": ("ours LoRA", "target <= 1.3"),
-}
+# (row label, library, method, dropout); library None: the base model itself
+ROWS = [("frozen base (floor)", None, "frozen", 0.0), ("full fine-tuning", None, "full", 0.0),
+        ("LoRA, no dropout", "ours", "LoRA", 0.0), ("LoRA, no dropout", "PEFT", "LoRA", 0.0),
+        ("LoRA, dropout 0.05", "ours", "LoRA", None), ("LoRA, dropout 0.05", "PEFT", "LoRA", None),
+        ("DoRA, dropout 0.05", "ours", "DoRA", None), ("DoRA, dropout 0.05", "PEFT", "DoRA", None)]
+BASE = "frozen base (floor)"
+
+
+def key(row: tuple, compiled: bool) -> str:
+    label, lib, _, _ = row
+    return f"{lib or 'model'} | {label} | {'compiled' if compiled else 'eager'}"
 
 
 def build_model(size: dict, seed: int):
@@ -53,11 +63,17 @@ def build_model(size: dict, seed: int):
     return LlamaForCausalLM(config).float()
 
 
-def build_variant(name: str, size: dict, seed: int, r: int, alpha: float, dropout: float):
+def build_variant(lib: str | None, method: str, size: dict, seed: int, r: int, alpha: float, dropout: float):
     model = build_model(size, seed)
-    use_dora = name.endswith("DoRA")
+    if lib is None:
+        if method == "frozen":
+            for p in model.parameters():
+                p.requires_grad_(False)
+            model.enable_input_require_grads()  # backward through the activations, as under an adapter
+        return model.train()
+    use_dora = method == "DoRA"
     torch.manual_seed(seed + 1)  # adapter init draws from the RNG too: same state for every variant
-    if name.startswith("ours"):
+    if lib == "ours":
         import lightning_peft as lp
 
         model = lp.inject_adapters(model, lp.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
@@ -88,14 +104,13 @@ def step(model, params, input_ids, labels) -> float:
 def check_same_function(models: dict, input_ids) -> float:
     """Max abs logit difference between the variants in eval mode (fresh adapters are the identity
     map, so this checks that every variant starts from the same base weights and input)."""
-    outs = {}
+    outs = []
     with torch.no_grad():
-        for name, model in models.items():
+        for model in models.values():
             model.eval()
-            outs[name] = model(input_ids=input_ids).logits
+            outs.append(model(input_ids=input_ids).logits)
             model.train()
-    ref = outs[VARIANTS[0]]
-    return max((o - ref).abs().max().item() for o in outs.values())
+    return max((o - outs[0]).abs().max().item() for o in outs)
 
 
 def run(args) -> tuple[dict, dict, dict]:
@@ -105,34 +120,56 @@ def run(args) -> tuple[dict, dict, dict]:
     input_ids = torch.randint(0, size["vocab"], (size["batch"], size["seq"]), generator=gen)
     labels = torch.randint(0, size["vocab"], (size["batch"], size["seq"]), generator=gen)
 
-    models = {v: build_variant(v, size, args.seed, args.r, args.alpha, args.dropout) for v in VARIANTS}
-    params = {v: trainable(m) for v, m in models.items()}
-    counts = {v: sum(p.numel() for p in ps) for v, ps in params.items()}
+    models = {row: build_variant(row[1], row[2], size, args.seed, args.r, args.alpha,
+                                 args.dropout if row[3] is None else row[3]) for row in ROWS}
+    params = {row: trainable(m) for row, m in models.items()}
+    counts = {row: sum(p.numel() for p in ps) for row, ps in params.items()}
     diff = check_same_function(models, input_ids)
     if diff > 1e-4:
         raise SystemExit(f"variants disagree before training (max abs logit diff {diff:.2e})")
-    for name in ("LoRA", "DoRA"):
-        if counts[f"ours {name}"] != counts[f"PEFT {name}"]:
-            raise SystemExit(f"{name}: trainable parameter counts differ: {counts}")
+    by_label: dict[str, set] = {}
+    for row, count in counts.items():
+        if row[1] is not None:
+            by_label.setdefault(row[0], set()).add(count)
+    if any(len(c) != 1 for c in by_label.values()):
+        raise SystemExit(f"trainable parameter counts differ between ours and PEFT: {by_label}")
 
+    variants = {}  # key -> (callable, params)
+    for row, model in models.items():
+        variants[key(row, False)] = (model, params[row])
+    if args.compile:
+        for row, model in models.items():
+            variants[key(row, True)] = (torch.compile(model), params[row])
+    names = list(variants)
     if args.verbose:
-        print(f"built {len(models)} models, max start logit diff {diff:.1e}", file=sys.stderr)
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        print(f"built {len(models)} models, max start logit diff {diff:.1e}; {len(names)} variants", file=sys.stderr)
+    times: dict[str, list[float]] = {v: [] for v in names}
     rounds = args.warmup + args.steps
     for i in range(rounds):
-        order = VARIANTS[i % len(VARIANTS):] + VARIANTS[:i % len(VARIANTS)]
+        order = names[i % len(names):] + names[:i % len(names)]
         this_round = {}
         for v in order:
             torch.manual_seed(args.seed + 100 + i)  # same RNG state (dropout) for every variant in a round
-            this_round[v] = t = step(models[v], params[v], input_ids, labels)
+            start = time.perf_counter()
+            this_round[v] = t = step(*variants[v], input_ids, labels)
+            if args.verbose and i == 0:
+                print(f"  first step of {v}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
             if i >= args.warmup:
                 times[v].append(t)
         if args.verbose:
-            ms = ", ".join(f"{v} {this_round[v] * 1e3:.1f}" for v in VARIANTS)
-            print(f"round {i + 1}/{rounds}{' (warm-up)' if i < args.warmup else ''}: {ms} ms", file=sys.stderr)
+            slowest = max(this_round, key=this_round.get)
+            print(f"round {i + 1}/{rounds}{' (warm-up)' if i < args.warmup else ''}: "
+                  f"{sum(this_round.values()):.2f} s, slowest {slowest} {this_round[slowest] * 1e3:.0f} ms", file=sys.stderr)
     medians = {v: statistics.median(ts) * 1e3 for v, ts in times.items()}
     quartiles = {v: _quartiles_ms(ts) for v, ts in times.items()}
-    return medians, quartiles, dict(size=size, counts=counts, diff=diff)
+    # each variant's time over the frozen base's in the same round (same mode), then the median:
+    # a busy machine's drift between rounds cancels
+    per_round = {}
+    for v, ts in times.items():
+        base = times[f"model | {BASE} | {v.rsplit(' | ', 1)[1]}"]
+        per_round[v] = statistics.median(t / b for t, b in zip(ts, base))
+    return medians, quartiles, dict(size=size, counts={key(row, False): c for row, c in counts.items()}, diff=diff,
+                                    per_round=per_round)
 
 
 def _quartiles_ms(seconds: list[float]) -> tuple[float, float]:
@@ -142,16 +179,50 @@ def _quartiles_ms(seconds: list[float]) -> tuple[float, float]:
     return q1 * 1e3, q3 * 1e3
 
 
-def table(medians: dict, quartiles: dict, counts: dict) -> str:
-    lines = ["| variant | median ms/step | p25-p75 ms | trainable params | ratio | against |",
-             "|---|---:|---:|---:|---:|---|"]
-    for v in ("PEFT LoRA", "ours LoRA", "PEFT DoRA", "ours DoRA"):
-        base, note = RATIOS[v]
-        ratio = medians[v] / medians[base] if base else 1.0
-        against = f"{base} ({note})" if base else note
+RATIOS: dict = {}  # set by main: the per-round ratio medians of the run
+
+
+def ratios(medians: dict) -> dict:
+    """Each variant as a multiple of the frozen base in the same mode (same run): the median over
+    rounds of its step time over the base's step time in that round."""
+    return RATIOS
+
+
+def table(medians: dict, quartiles: dict, counts: dict, compiled: bool) -> str:
+    modes = ["eager", "compiled"] if compiled else ["eager"]
+    rel = ratios(medians)
+    head = "| variant | trainable params |" + "".join(f" ours {m} | PEFT {m} |" for m in modes)
+    lines = [head, "|---|---:|" + "---:|---:|" * len(modes)]
+
+    def cell(v):
+        if v not in medians:
+            return " |"
         lo, hi = quartiles[v]
-        lines.append(f"| {v} | {medians[v]:.1f} | {lo:.1f}-{hi:.1f} | {counts[v]:,} | {ratio:.2f} | {against} |")
+        return f" {rel[v]:.2f}x ({medians[v]:.0f} ms, {lo:.0f}-{hi:.0f}) |"
+
+    for label in dict.fromkeys(row[0] for row in ROWS):
+        libs = [row[1] for row in ROWS if row[0] == label]
+        first = "model" if libs == [None] else "ours"
+        line = f"| {label} | {counts[f'{first} | {label} | eager']:,} |"
+        for m in modes:
+            line += cell(f"{first} | {label} | {m}") + (cell(f"PEFT | {label} | {m}") if first == "ours" else " |")
+        lines.append(line)
     return "\n".join(lines) + "\n"
+
+
+def summary(medians: dict, compiled: bool) -> list[str]:
+    rel = ratios(medians)
+    out = []
+    for m in (["eager", "compiled"] if compiled else ["eager"]):
+        def r(lib, label):
+            return rel[f"{lib} | {label} | {m}"]
+
+        out.append(f"# {m}: ours LoRA {r('ours', 'LoRA, no dropout'):.3f}x (target <= 1.12), ours LoRA+dropout "
+                   f"{r('ours', 'LoRA, dropout 0.05'):.3f}x (target <= 1.20), ours DoRA+dropout / ours LoRA+dropout "
+                   f"{r('ours', 'DoRA, dropout 0.05') / r('ours', 'LoRA, dropout 0.05'):.3f} (target <= 1.15), ours / PEFT: "
+                   + ", ".join(f"{label} {r('ours', label) / r('PEFT', label):.2f}" for label in
+                               ("LoRA, no dropout", "LoRA, dropout 0.05", "DoRA, dropout 0.05")))
+    return out
 
 
 def main(argv=None) -> None:
@@ -165,6 +236,7 @@ def main(argv=None) -> None:
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--alpha", type=float, default=32)
     parser.add_argument("--dropout", type=float, default=0.05)
+    parser.add_argument("--compile", action="store_true", help="also time every variant under torch.compile (inductor)")
     parser.add_argument("--verbose", action="store_true", help="print progress to stderr")
     args = parser.parse_args(argv)
     if args.steps is None:
@@ -176,16 +248,18 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     medians, quartiles, info = run(args)
-    text = table(medians, quartiles, info["counts"])
+    RATIOS.update(info["per_round"])
+    text = table(medians, quartiles, info["counts"], args.compile)
     import peft
 
-    s = info["size"]
-    print(f"# torch {torch.__version__}, peft {peft.__version__}, {args.threads} threads; Llama h={s['hidden']}, "
-          f"{s['layers']} layers, ffn {s['intermediate']}, vocab {s['vocab']}, batch {s['batch']}x{s['seq']}, "
-          f"fp32, r={args.r}, alpha={args.alpha:g}, dropout {args.dropout}; median of {args.steps} interleaved "
-          f"steps after {args.warmup} warm-up; start logits max diff {info['diff']:.1e}")
+    sz = info["size"]
+    print(f"# torch {torch.__version__}, peft {peft.__version__}, {args.threads} threads; Llama h={sz['hidden']}, "
+          f"{sz['layers']} layers, ffn {sz['intermediate']}, vocab {sz['vocab']}, batch {sz['batch']}x{sz['seq']}, "
+          f"fp32, r={args.r}, alpha={args.alpha:g}; median of {args.steps} interleaved steps after {args.warmup} "
+          f"warm-up; start logits max diff {info['diff']:.1e}; cells: multiple of the frozen base (median of per-round ratios), then median ms and p25-p75 ms")
     print(text, end="")
-    print(f"# ours DoRA / PEFT DoRA = {medians['ours DoRA'] / medians['PEFT DoRA']:.2f}")
+    for line in summary(medians, args.compile):
+        print(line)
     noisy = [v for v, (lo, hi) in quartiles.items() if hi > 1.5 * lo]
     if noisy:
         print(f"# warning: wide spread for {', '.join(noisy)} (p75 > 1.5 x p25): the machine was busy "
