@@ -152,3 +152,21 @@ def test_model_layers_draw_independent_masks_and_resume_exactly(monkeypatch):
     torch.set_rng_state(state)
     replay = model(input_ids=ids).logits
     assert all(torch.equal(a, b) for a, b in zip(step1, masks)) and torch.equal(first, replay)
+
+
+def test_backward_redraws_the_forward_mask_and_saves_no_mask():
+    """Backward multiplies by the same mask as forward although other draws happened in between,
+    and nothing mask-sized is saved for it (tensors saved by the dropped product: none)."""
+    from lightning_peft.methods.base import AdapterDropout
+
+    dropout = AdapterDropout(0.3).train()
+    x = (torch.rand(64, 48, dtype=torch.float64) + 0.5).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = dropout.drop(x)
+    torch.rand(1000)  # the global generator moves on before backward
+    (y * 2).sum().backward()
+    kept = (y != 0).to(x.dtype)
+    assert 0.6 < kept.mean() < 0.8
+    torch.testing.assert_close(x.grad, 2 * kept, rtol=0, atol=0)
+    assert not any(t.numel() == x.numel() for t in saved), [t.shape for t in saved]

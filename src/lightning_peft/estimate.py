@@ -36,9 +36,9 @@ width of k and v, ``i`` intermediate size, ``r`` the LoRA rank:
               c (2 h + i)          shared: the two norm outputs (one for q/k/v, one for gate/up) and
                                    down_proj's input; full fine-tuning, and LoRA without dropout
                                    whose adapters compute in the activations' dtype (a = c)
-              (a + d) sum(in)      LoRA otherwise: each adapted layer keeps its own input (a
-                                   dropped-out copy, or the cast to the adapters' dtype) and a 1-byte
-                                   dropout mask (d = 1 with dropout, else 0); sum(in) adds the
+              a sum(in)            LoRA otherwise: each adapted layer keeps its own input (a
+                                   dropped-out copy, or the cast to the adapters' dtype); the dropout
+                                   mask is not kept (backward draws it again); sum(in) adds the
                                    in_features of the adapted layers, 6 h + i for all linear ones
     full:   + 2 c h                the normalized input each RMSNorm weight needs for its gradient
     LoRA:   + a r per adapted layer           A x, kept for B's gradient
@@ -188,8 +188,8 @@ def estimate_memory(model_or_n_params: nn.Module | int, method: str = "qlora", *
     per_layer = 8 * h + c * (2 * h + 2 * h_kv) + 3 * c * i
     if full or (lora_dropout == 0 and a == c):  # the linear layers' inputs are shared, as in the model
         per_layer += c * (2 * h + i)
-    else:  # each adapter keeps its own copy of its input (+ a 1-byte dropout mask)
-        per_layer += (a + (lora_dropout > 0)) * shape.adapted_inputs // L
+    else:  # each adapter keeps its own copy of its input (no dropout mask: backward redraws it)
+        per_layer += a * shape.adapted_inputs // L
     per_layer += 2 * c * h if full else a * r * shape.adapted_layers // L
     head = 4 * h + 12 * shape.vocab + (2 * c * h if full else 0)
     per_token = (L * c * h + per_layer if gradient_checkpointing else L * per_layer) + head

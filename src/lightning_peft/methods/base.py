@@ -60,7 +60,8 @@ class AdapterDropout(nn.Module):
     the same RNG state gives the same masks (exact resume), and every layer and step draws fresh
     ones. Inside ``torch.compile`` (and on devices other than CPU/CUDA) the mask is
     ``rand >= t / 65536``, the same distribution, which the compiler fuses into its kernel.
-    :class:`LoraLayer` multiplies by :meth:`mask` and folds ``1 / q`` into the adapter's scaling.
+    :class:`LoraLayer` applies :meth:`drop` (which keeps no mask for backward: it draws it again) and
+    folds ``1 / q`` into the adapter's scaling.
     """
 
     def __init__(self, p: float) -> None:
@@ -79,23 +80,56 @@ class AdapterDropout(nn.Module):
         sets ``p = 0``)."""
         return self.training and self.p > 0
 
-    def mask(self, x: torch.Tensor) -> torch.Tensor:
-        """A fresh 0/1 keep mask with ``x``'s shape and dtype (unscaled)."""
+    def mask(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A fresh 0/1 keep mask with ``x``'s shape and dtype (unscaled), from ``generator`` (default:
+        the global generator of ``x``'s device)."""
         t = self._threshold()
         if torch.compiler.is_compiling() or x.device.type not in ("cpu", "cuda"):
-            return (torch.rand(x.shape, device=x.device) >= t / _MASK_LEVELS).to(x.dtype)
+            return (torch.rand(x.shape, device=x.device, generator=generator) >= t / _MASK_LEVELS).to(x.dtype)
         n = x.numel()
-        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(1 << 63), None)
+        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device)
+        words.random_(-(1 << 63), None, generator=generator)
         keep = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         return torch.ge(words.view(torch.int16)[:n].view(x.shape), t - _MASK_LEVELS // 2, out=keep)
+
+    def drop(self, x: torch.Tensor) -> torch.Tensor:
+        """``x * mask``, unscaled. When ``x`` needs a gradient the mask is not kept for backward:
+        backward draws it again from the generator state recorded here (a few bytes to 5 KB per
+        call instead of a mask as large as ``x``), so adapter dropout adds no activation memory."""
+        if not x.requires_grad or torch.compiler.is_compiling() or x.device.type not in ("cpu", "cuda"):
+            return x * self.mask(x)
+        return _RedrawnMask.apply(x, self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active():
             return x
-        return (x * self.mask(x)).mul_(1.0 / self.keep_probability())
+        return self.drop(x).mul_(1.0 / self.keep_probability())
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+def _device_generator(device: torch.device) -> torch.Generator:
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.default_generator
+
+
+class _RedrawnMask(torch.autograd.Function):
+    """``x * mask`` whose backward redraws the mask from the generator state it started from."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dropout: AdapterDropout) -> torch.Tensor:
+        ctx.state = _device_generator(x.device).get_state()
+        ctx.dropout = dropout
+        return x * dropout.mask(x)  # advances the global generator as a plain draw would
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        generator = torch.Generator(device=grad.device)
+        generator.set_state(ctx.state)
+        return grad * ctx.dropout.mask(grad, generator=generator), None
 
 
 # every dropout module kind: torch's (nn.Dropout, Dropout1d/2d/3d, AlphaDropout) and the adapters'

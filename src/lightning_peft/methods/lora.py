@@ -338,7 +338,7 @@ class LoraLayer(MixedBatchMixin, WeightLayer):
         keep = 1.0  # the dropout's keep probability when its 1/q is left to fold into the scaling
         if type(dropout) is AdapterDropout:
             if dropout.active():  # x * mask, unscaled: 1/q joins the scaling (one pass over x fewer)
-                x = x * dropout.mask(x)
+                x = dropout.drop(x)
                 keep = dropout.keep_probability()
         else:  # nn.Identity, or a dropout module the user swapped in
             x = dropout(x)
