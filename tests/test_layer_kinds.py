@@ -353,12 +353,13 @@ class CNN(nn.Module):
         self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
         self.bn = nn.BatchNorm2d(8)
         self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=2)
-        self.fc = nn.Linear(8, 4)
+        self.hidden = nn.Linear(8, 16)  # what qlora quantizes: the classifier (fc) stays float
+        self.fc = nn.Linear(16, 4)
 
     def forward(self, x):
         x = F.relu(self.bn(self.conv1(x)))
         x = F.relu(self.conv2(x))
-        return self.fc(x.mean(dim=(2, 3)))
+        return self.fc(F.relu(self.hidden(x.mean(dim=(2, 3)))))
 
 
 class Classifier(L.LightningModule):
@@ -405,6 +406,8 @@ def test_small_cnn_trains(strategy):
                                                               rank_pattern={"conv1": 2}))
     module = _fit(_cnn_module(), strategy, 12)
     assert module.grads and all(module.grads.values()), module.grads
+    if strategy == "qlora":  # the hidden layer is 4-bit, the classifier head stays float
+        assert is_quantized(module.net.hidden.base_layer) and not is_quantized(module.net.fc.base_layer)
     assert module.losses[-1] < 0.9 * module.losses[0], module.losses
     if not isinstance(strategy, str):
         assert isinstance(module.net.conv1, LoraConvLayer) and isinstance(module.net.conv2, LoraConvLayer)

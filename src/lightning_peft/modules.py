@@ -33,7 +33,10 @@ def final_linear(model: nn.Module) -> nn.Module | None:
     """The model's last direct child when it is an ``nn.Linear`` (seen through an adapter
     wrapper): the output layer of a classifier or regressor built from torch modules (a CNN's
     ``classifier``, an MLP's last layer), which transformers' bitsandbytes integration also keeps
-    in float. None otherwise (a transformers base model ends with its norm)."""
+    in float. None otherwise (a transformers base model ends with its norm), and for a
+    ``ModuleDict`` / ``ModuleList``, whose order says nothing about the forward."""
+    if isinstance(model, (nn.ModuleDict, nn.ModuleList)):
+        return None
     children = list(model.children())
     last = children[-1] if children else None
     while last is not None and hasattr(last, "wrapped_attr") and last.wrapped_attr:  # an adapter module

@@ -48,6 +48,21 @@ LOSSY_MERGE_MESSAGE = (
     "allow_lossy=True to merge anyway (a warning states the measured loss; it cannot be unmerged).")
 
 
+def init_lora_factors(A: torch.Tensor, B: torch.Tensor, init: bool | str, r: int) -> None:
+    """PEFT's initialisation of a LoRA pair, in place: ``A`` Kaiming-uniform (``N(0, 1/r)`` with
+    ``init="gaussian"``), ``B`` zero so the adapter starts as the identity (random with
+    ``init=False``: an "already trained" adapter, for tests and benchmarks)."""
+    with torch.no_grad():
+        if init == "gaussian":
+            nn.init.normal_(A, std=1.0 / r)
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        if init is False:
+            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(B)
+
+
 def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
     """``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA (stable at high rank)."""
     return alpha / math.sqrt(r) if use_rslora else alpha / r
@@ -150,19 +165,12 @@ class LoraLayer(MixedBatchMixin, WeightLayer):
                 nn.init.zeros_(A) if init is not False else nn.init.normal_(A)
                 nn.init.normal_(B)
             else:
-                if init == "gaussian":
-                    nn.init.normal_(A, std=1.0 / A.shape[0])
-                else:
-                    nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+                init_lora_factors(A, B, init, A.shape[0])
                 bias = self.lora_B[name].bias
-                if init is False:  # random B: the adapter is "already trained" (tests, benchmarks)
-                    nn.init.kaiming_uniform_(B, a=math.sqrt(5))
-                    if bias is not None:
-                        nn.init.uniform_(bias, -1 / math.sqrt(B.shape[1]), 1 / math.sqrt(B.shape[1]))
-                else:
-                    nn.init.zeros_(B)
-                    if bias is not None:
-                        nn.init.zeros_(bias)
+                if bias is not None and init is False:  # random B: the adapter is "already trained"
+                    nn.init.uniform_(bias, -1 / math.sqrt(B.shape[1]), 1 / math.sqrt(B.shape[1]))
+                elif bias is not None:
+                    nn.init.zeros_(bias)
 
     def _init_pissa(self, name: str) -> None:
         """A, B from the top-r singular triplets of W; the base keeps the residual.

@@ -31,13 +31,12 @@ DoRA scale) on its rows; rows of the base or of an adapter this layer lacks get 
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
 
 from .base import AdapterModule
-from .lora import AdapterDropout, LoraLayer, lora_scaling
+from .lora import AdapterDropout, LoraLayer, init_lora_factors, lora_scaling
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -127,14 +126,7 @@ class LoraConvLayer(LoraLayer):
         self.scaling[name] = lora_scaling(lora_alpha, r, use_rslora)
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         with torch.no_grad():
-            if init_lora_weights == "gaussian":
-                nn.init.normal_(A, std=1.0 / r)
-            else:
-                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-            if init_lora_weights is False:
-                nn.init.kaiming_uniform_(B, a=math.sqrt(5))
-            else:
-                nn.init.zeros_(B)
+            init_lora_factors(A, B, init_lora_weights, r)
             if lora_bias:
                 nn.init.zeros_(self.lora_B[name].bias)
         if use_dora:

@@ -26,14 +26,13 @@ reports ``_qkv_same_embed_dim = False``, which makes torch take the ordinary pat
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from .base import AdapterModule
-from .lora import LoraLayer, lora_scaling
+from .lora import LoraLayer, init_lora_factors, lora_scaling
 
 
 def is_mha(module: nn.Module) -> bool:
@@ -109,14 +108,7 @@ class LoraMHALayer(LoraLayer):
         self.scaling[name] = lora_scaling(lora_alpha, r, use_rslora)
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         with torch.no_grad():
-            if init_lora_weights == "gaussian":
-                nn.init.normal_(A, std=1.0 / r)
-            else:
-                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-            if init_lora_weights is False:
-                nn.init.kaiming_uniform_(B, a=math.sqrt(5))
-            else:
-                nn.init.zeros_(B)
+            init_lora_factors(A, B, init_lora_weights, r)
         base = self.base_layer
         if not isinstance(base.out_proj, LoraLayer):  # wrapped with the first adapter, unwrapped with the last
             base.out_proj = LoraLayer(base.out_proj)

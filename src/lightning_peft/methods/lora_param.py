@@ -21,13 +21,13 @@ its keys are then ``<path>.base_layer.lora_A.weight`` and ``<path>.lora_A.weight
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from .base import AdapterModule
+from .lora import init_lora_factors, lora_scaling
 
 
 class LoraParamLayer(AdapterModule):
@@ -98,17 +98,10 @@ class LoraParamLayer(AdapterModule):
         rank = r * self.num_experts
         self.lora_A[name] = nn.Linear(self.in_features, rank, bias=False, **factory)
         self.lora_B[name] = nn.Linear(rank, self.out_features, bias=False, **factory)
-        self.scaling[name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.scaling[name] = lora_scaling(lora_alpha, r, use_rslora)
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         with torch.no_grad():
-            if init_lora_weights == "gaussian":
-                nn.init.normal_(A, std=1.0 / r)
-            else:
-                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-            if init_lora_weights is False:
-                nn.init.kaiming_uniform_(B, a=math.sqrt(5))
-            else:
-                nn.init.zeros_(B)
+            init_lora_factors(A, B, init_lora_weights, r)
 
     # ------------------------------------------------------------------------------- weights
     def delta(self, name: str) -> torch.Tensor:
