@@ -88,6 +88,11 @@ class LoraLayer(MixedBatchMixin, WeightLayer):
             raise TypeError(f"LoRA wraps nn.Linear, transformers Conv1D or nn.Embedding, "
                             f"not {type(base_layer).__name__}.")
         self._view_base(base_layer, kind, fan_in_fan_out)
+        self._init_stores()
+
+    def _init_stores(self) -> None:
+        """The per-adapter stores (``adapter_stores``) and mixed-batch state every LoRA layer kind
+        holds; the kinds that wrap other layers (conv, attention) call it from their own ``__init__``."""
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_embedding_A = nn.ParameterDict()

@@ -61,17 +61,7 @@ class LoraConvLayer(LoraLayer):
         self.quantized = False  # bitsandbytes has no 4-bit convolution: the base stays float
         self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
         self.transposed = False
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
-        self.lora_embedding_A = nn.ParameterDict()
-        self.lora_embedding_B = nn.ParameterDict()
-        self.lora_dropout = nn.ModuleDict()
-        self.lora_magnitude_vector = nn.ParameterDict()
-        self.scaling: dict[str, float] = {}
-        self.merged: list[str] = []
-        self.dora_merge_norms: dict[str, torch.Tensor] = {}
-        self.row_adapters: tuple[str | None, ...] | None = None
-        self._stack_cache = None
+        self._init_stores()
 
     @property
     def groups(self) -> int:

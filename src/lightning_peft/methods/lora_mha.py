@@ -58,17 +58,7 @@ class LoraMHALayer(LoraLayer):
         self.quantized = False
         self.in_features, self.out_features = base_layer.embed_dim, 3 * base_layer.embed_dim
         self.transposed = False
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
-        self.lora_embedding_A = nn.ParameterDict()
-        self.lora_embedding_B = nn.ParameterDict()
-        self.lora_dropout = nn.ModuleDict()
-        self.lora_magnitude_vector = nn.ParameterDict()
-        self.scaling: dict[str, float] = {}
-        self.merged: list[str] = []
-        self.dora_merge_norms: dict[str, torch.Tensor] = {}
-        self.row_adapters = None
-        self._stack_cache = None
+        self._init_stores()
 
     @property
     def out_layer(self) -> LoraLayer:
