@@ -12,7 +12,8 @@ from torch import nn
 import lightning_peft as lp
 from conftest import rel_err, tiny_llama
 from lightning_peft.methods import LoraLayer
-from lightning_peft.methods.lora import AdapterDropout
+from lightning_peft.methods import dropout as dropout_module
+from lightning_peft.methods.dropout import AdapterDropout, apply_drop
 
 
 def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -38,11 +39,13 @@ def test_keep_rate_is_one_minus_p(p):
     assert abs(half.float().mean().item() - q) <= 5 * math.sqrt(q * (1 - q) / half.numel())
 
 
-def test_masks_are_independent_within_a_draw_across_calls_and_layers():
-    """Neighbouring elements (which share a random 64-bit word), two calls (steps) and two modules
-    (layers) give uncorrelated masks: |corr| below 5/sqrt(n)."""
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_masks_are_independent_within_a_draw_across_calls_and_layers(p):
+    """Neighbouring elements (which share a random 64-bit word, or a gap), two calls (steps) and two
+    modules (layers) give uncorrelated masks: |corr| below 5/sqrt(n). p=0.05 draws gaps, 0.3 bits."""
     torch.manual_seed(1)
-    a, b = AdapterDropout(0.3).train(), AdapterDropout(0.3).train()
+    a, b = AdapterDropout(p).train(), AdapterDropout(p).train()
+    assert a.uses_gaps(torch.empty(1)) == (p < 0.1)
     x = torch.empty(256, 2048)
     m1, m2, m3 = a.mask(x), a.mask(x), b.mask(x)
     n = x.numel()
@@ -129,14 +132,14 @@ def test_model_layers_draw_independent_masks_and_resume_exactly(monkeypatch):
     model = lp.inject_adapters(tiny_llama(), lp.LoraConfig(r=4, lora_dropout=0.3, target_modules=["q_proj", "k_proj"]))
     model.train()
     masks = []
-    original = AdapterDropout.mask
+    original = AdapterDropout.plan
 
-    def record(self, x):
-        m = original(self, x)
-        masks.append(m)
-        return m
+    def record(self, x, generator=None):
+        plan = original(self, x, generator)
+        masks.append(apply_drop(plan, torch.ones_like(x), inplace=True))
+        return plan
 
-    monkeypatch.setattr(AdapterDropout, "mask", record)
+    monkeypatch.setattr(AdapterDropout, "plan", record)
     ids = torch.randint(0, 128, (4, 32))
     torch.manual_seed(7)
     state = torch.get_rng_state()
@@ -170,3 +173,27 @@ def test_backward_redraws_the_forward_mask_and_saves_no_mask():
     assert 0.6 < kept.mean() < 0.8
     torch.testing.assert_close(x.grad, 2 * kept, rtol=0, atol=0)
     assert not any(t.numel() == x.numel() for t in saved), [t.shape for t in saved]
+
+
+@pytest.mark.parametrize("spare_sd", [6.0, -3.0])
+def test_gap_positions_are_bernoulli_also_when_a_draw_falls_short(monkeypatch, spare_sd):
+    """The gaps draw: ascending positions below n; the dropped count per block of 4096 has the binomial
+    mean and variance; the first and the last elements are dropped at rate p. With spare_sd=-3 the
+    first draw almost always falls short and the loop draws again from where it stopped."""
+    monkeypatch.setattr(dropout_module, "_SPARE_SD", spare_sd)
+    drop = AdapterDropout(0.05).train()
+    p = 1 - drop.keep_probability()
+    torch.manual_seed(5)
+    blocks, n = 256, 4096
+    counts, first, last = [], 0, 0
+    for _ in range(blocks):
+        at = drop.positions(n)
+        assert at.dtype == torch.int64 and (at[1:] > at[:-1]).all() and (at.numel() == 0 or 0 <= at[0] <= at[-1] < n)
+        counts.append(at.numel())
+        first += int(at.numel() > 0 and at[0] == 0)
+        last += int(at.numel() > 0 and at[-1] == n - 1)
+    counts = torch.tensor(counts, dtype=torch.float64)
+    assert abs(counts.mean() - n * p) <= 5 * math.sqrt(n * p * (1 - p) / blocks)
+    assert 0.7 < counts.var() / (n * p * (1 - p)) < 1.3
+    assert abs(first / blocks - p) <= 5 * math.sqrt(p * (1 - p) / blocks)
+    assert abs(last / blocks - p) <= 5 * math.sqrt(p * (1 - p) / blocks)

@@ -14,8 +14,8 @@ Methods that wrap a layer with a weight matrix (LoRA, (IA)^3) see it through one
 :class:`WeightLayer`: ``W: [out, in]`` whatever the storage (``nn.Linear`` ``[out, in]``,
 transformers' ``Conv1D`` ``[in, out]``, ``nn.Embedding`` ``[num, dim]`` as ``[dim, num]``, a
 bitsandbytes layer dequantized). :func:`base_kind` tells the layer kinds apart; the adapter
-dropout and ``DROPOUT_TYPES`` live here too, so that everything above ``methods/`` reads them
-from one place.
+dropout (:mod:`.dropout`) and ``DROPOUT_TYPES`` are re-exported here, so that everything above
+``methods/`` reads them from one place.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..quantize import dequantize_weight, is_quantized
+from .dropout import DROPOUT_TYPES, AdapterDropout  # noqa: F401 (callers read them from here)
 
 
 def base_kind(module: nn.Module) -> str | None:
@@ -37,103 +38,6 @@ def base_kind(module: nn.Module) -> str | None:
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
         return "conv1d"  # transformers.pytorch_utils.Conv1D, duck-typed: no import of transformers
     return None
-
-
-# dropout masks come from 16-bit random lanes: p is rounded to a multiple of 1/65536 (see AdapterDropout)
-_MASK_LEVELS = 1 << 16
-
-
-class AdapterDropout(nn.Module):
-    """Inverted dropout of the adapter branch's input: ``x * keep / q`` with ``keep ~ Bernoulli(q)``
-    drawn independently per element, ``q = 1 - p``: PEFT's semantics (an ``nn.Dropout`` on ``x``
-    before ``lora_A``), with a cheaper mask.
-
-    One random 64-bit word of the torch generator serves four elements, 16 random bits each; an
-    element is kept when its 16 bits (read as a signed integer) reach a threshold. So
-    ``q = 1 - t / 65536`` with ``t = round(p * 65536)`` (at least 1): the keep rate is ``1 - p`` to
-    within ``2**-17`` (``p = 0.05`` keeps 0.9499969), and the scale ``1 / q`` uses that exact ``q``,
-    so the output's mean is ``x``. ``torch.rand`` spends a 32-bit draw and a float conversion per
-    element, and ``nn.Dropout``'s ``bernoulli_`` more: on CPU those masks were ~30% of a LoRA
-    training step (benchmarks/lora_step.py); this one costs a fifth of that. The compare writes the
-    0/1 mask straight in ``x``'s dtype (a multiply by a bool mask converts it element by element,
-    several times slower on CPU). Masks come from the global torch generator of ``x``'s device:
-    the same RNG state gives the same masks (exact resume), and every layer and step draws fresh
-    ones. Inside ``torch.compile`` (and on devices other than CPU/CUDA) the mask is
-    ``rand >= t / 65536``, the same distribution, which the compiler fuses into its kernel.
-    :class:`LoraLayer` applies :meth:`drop` (which keeps no mask for backward: it draws it again) and
-    folds ``1 / q`` into the adapter's scaling.
-    """
-
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        self.p = p
-
-    def _threshold(self) -> int:
-        return min(max(1, round(self.p * _MASK_LEVELS)), _MASK_LEVELS - 1)
-
-    def keep_probability(self) -> float:
-        """``q``: the probability that an element is kept, ``1 - p`` rounded to a multiple of 1/65536."""
-        return 1.0 - self._threshold() / _MASK_LEVELS
-
-    def active(self) -> bool:
-        """Whether a call drops anything: in training mode with ``p > 0`` (``alignment.disable_dropout``
-        sets ``p = 0``)."""
-        return self.training and self.p > 0
-
-    def mask(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """A fresh 0/1 keep mask with ``x``'s shape and dtype (unscaled), from ``generator`` (default:
-        the global generator of ``x``'s device)."""
-        t = self._threshold()
-        if torch.compiler.is_compiling() or x.device.type not in ("cpu", "cuda"):
-            return (torch.rand(x.shape, device=x.device, generator=generator) >= t / _MASK_LEVELS).to(x.dtype)
-        n = x.numel()
-        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device)
-        words.random_(-(1 << 63), None, generator=generator)
-        keep = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        return torch.ge(words.view(torch.int16)[:n].view(x.shape), t - _MASK_LEVELS // 2, out=keep)
-
-    def drop(self, x: torch.Tensor) -> torch.Tensor:
-        """``x * mask``, unscaled. When ``x`` needs a gradient the mask is not kept for backward:
-        backward draws it again from the generator state recorded here (a few bytes to 5 KB per
-        call instead of a mask as large as ``x``), so adapter dropout adds no activation memory."""
-        if not x.requires_grad or torch.compiler.is_compiling() or x.device.type not in ("cpu", "cuda"):
-            return x * self.mask(x)
-        return _RedrawnMask.apply(x, self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.active():
-            return x
-        return self.drop(x).mul_(1.0 / self.keep_probability())
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
-def _device_generator(device: torch.device) -> torch.Generator:
-    if device.type == "cuda":
-        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
-    return torch.default_generator
-
-
-class _RedrawnMask(torch.autograd.Function):
-    """``x * mask`` whose backward redraws the mask from the generator state it started from."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, dropout: AdapterDropout) -> torch.Tensor:
-        ctx.state = _device_generator(x.device).get_state()
-        ctx.dropout = dropout
-        return x * dropout.mask(x)  # advances the global generator as a plain draw would
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        generator = torch.Generator(device=grad.device)
-        generator.set_state(ctx.state)
-        return grad * ctx.dropout.mask(grad, generator=generator), None
-
-
-# every dropout module kind: torch's (nn.Dropout, Dropout1d/2d/3d, AlphaDropout) and the adapters'
-DROPOUT_TYPES = (nn.modules.dropout._DropoutNd, AdapterDropout)
 
 
 def weight_shape(base_layer: nn.Module, kind: str) -> tuple[int, int]:

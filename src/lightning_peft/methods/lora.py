@@ -37,6 +37,7 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 
 from ..quantize import requantize_
 from .base import DROPOUT_TYPES, AdapterDropout, WeightLayer, base_kind  # noqa: F401 (names read from here too)
+from .fused import FusedLoraLinear
 from .mixed import MixedBatchMixin, release_batch_memos  # noqa: F401
 
 
@@ -333,6 +334,17 @@ class LoraLayer(MixedBatchMixin, WeightLayer):
                 return self._traced_mixed_forward(x, *args, **kwargs)
         elif self.row_adapters is not None and not self.disabled:
             return self._mixed_forward(x, *args, **kwargs)
+        elif not args and not kwargs and self._fusable(x):  # eager training: one autograd node
+            name = self.active_adapter
+            dropout = self.lora_dropout[name]
+            scaling = self.scaling[name]
+            if type(dropout) is AdapterDropout and dropout.active():
+                scaling /= dropout.keep_probability()
+            else:
+                dropout = None
+            base = self.base_layer
+            return FusedLoraLinear.apply(x, base.weight, base.bias, self.lora_A[name].weight,
+                                         self.lora_B[name].weight, scaling, dropout)
         result = self.base_layer(x, *args, **kwargs)
         name = self.active_adapter
         if self.disabled or name is None or name not in self.scaling or name in self.merged:
@@ -370,6 +382,24 @@ class LoraLayer(MixedBatchMixin, WeightLayer):
         if self._may_write_base_output():  # inference: accumulate into the base layer's fresh output
             return flat.addmm_(shrunk, B.t(), alpha=scaling).view(result.shape)
         return torch.addmm(flat, shrunk, B.t(), alpha=scaling).view(result.shape)
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        """Whether this eager call may run as :class:`~lightning_peft.methods.fused.FusedLoraLinear`:
+        a gradient is wanted, and the fused node computes exactly the plain path (see its module)."""
+        name = self.active_adapter
+        if (not torch.is_grad_enabled() or self.disabled or name is None or name not in self.scaling
+                or name in self.merged or self.kind != "linear" or self.transposed or self.quantized
+                or type(self.base_layer) is not nn.Linear or name in self.lora_magnitude_vector):
+            return False
+        A, B = self.lora_A[name], self.lora_B[name]
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        dropout = type(self.lora_dropout[name])
+        return (B.bias is None and (dropout is nn.Identity or dropout is AdapterDropout)
+                and not weight.requires_grad and (bias is None or not bias.requires_grad)
+                and (x.requires_grad or A.weight.requires_grad or B.weight.requires_grad)
+                and x.dtype == weight.dtype == A.weight.dtype == B.weight.dtype
+                and x.device.type in ("cpu", "cuda") and not torch.is_autocast_enabled(x.device.type)
+                and not self._base_hooked())
 
     def _base_hooked(self) -> bool:
         """Whether a forward (pre-)hook sees the base layer's inputs or outputs: on it, or global."""
