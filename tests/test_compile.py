@@ -220,3 +220,59 @@ def test_mixed_adapter_batches_trace_once_for_every_ids():
             grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
         assert all(rel_err(a, b) <= 1e-5 for a, b in zip(*grads))
     assert _graphs() == 2 and not counters["graph_break"]  # + the training graph, once
+
+
+class Siblings(nn.Module):
+    """Two layers fed the same input (as q and k are)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k = nn.Linear(64, 64, bias=False), nn.Linear(64, 64, bias=False)
+
+    def forward(self, x):
+        return self.q(x), self.k(x)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_dropout_draws_gaps_per_layer_and_backward_uses_the_same_masks(backend):
+    """Under torch.compile adapter dropout at p=0.05 is the opaque gaps op, one draw per layer:
+    siblings fed the same input get different masks (inductor merges the two draws into one without
+    the per-module salt), each keeps ~q, and backward multiplies by the forward's masks. With
+    A = B = I, s = 1 and a zero base, each output is x * mask / q."""
+    torch.manual_seed(0)
+    model = lp.inject_adapters(Siblings(), lp.LoraConfig(r=64, lora_alpha=64, lora_dropout=0.05,
+                                                         target_modules=["q", "k"]))
+    with torch.no_grad():
+        for layer in (model.q, model.k):
+            layer.base_layer.weight.zero_()
+            layer.lora_A["default"].weight.copy_(torch.eye(64))
+            layer.lora_B["default"].weight.copy_(torch.eye(64))
+    model.train()
+    ops = []
+    compiled = torch.compile(model, backend=_recording_backend(ops) if backend == "aot_eager" else backend,
+                             fullgraph=True)
+    x = (torch.rand(512, 64) + 0.5).requires_grad_()
+    a, b = compiled(x)
+    if backend == "aot_eager":  # the forward graph after AOT autograd's passes
+        assert ops.count("lightning_peft.gap_keep_mask.default") == 2, ops
+    q = model.q.lora_dropout["default"].keep_probability()
+    keep_a, keep_b = a != 0, b != 0
+    n = x.numel()
+    for keep in (keep_a, keep_b):
+        assert abs(keep.double().mean().item() - q) <= 5 * (q * (1 - q) / n) ** 0.5
+    assert not torch.equal(keep_a, keep_b)
+    torch.testing.assert_close(a[keep_a], (x / q)[keep_a])
+    (a.sum() + b.sum()).backward()
+    torch.testing.assert_close(x.grad, (keep_a.to(x.dtype) + keep_b.to(x.dtype)) / q)
+
+
+def _recording_backend(ops: list):
+    """aot_eager that lists the ops of the forward graph after AOT autograd's passes (CSE included)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def forward_compiler(gm, example_inputs):
+        ops.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return make_boxed_func(gm)
+
+    return aot_autograd(fw_compiler=forward_compiler, bw_compiler=lambda gm, _: make_boxed_func(gm))

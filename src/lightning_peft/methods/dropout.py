@@ -16,8 +16,9 @@ to draw it, chosen per call (docs/architecture.md, "Adapter dropout"):
 
 Both come from the global torch generator of ``x``'s device: the same RNG state gives the same
 masks (exact resume; :meth:`AdapterDropout.mask` gives the mask a state draws), and every layer and
-step draws fresh ones. Inside ``torch.compile`` the mask is ``rand >= p``, the same distribution,
-which the compiler fuses into its kernel. Neither draw is kept for backward: backward draws it
+step draws fresh ones. Inside ``torch.compile`` the gaps draw is one opaque op returning a bool
+mask (``lightning_peft::gap_keep_mask``); elsewhere the mask is ``rand >= p``, which the compiler
+fuses into its kernel. Neither draw is kept for backward: backward draws it
 again from the generator state recorded at forward (:class:`_RedrawnDrop`), so adapter dropout
 adds no activation memory. :class:`~lightning_peft.methods.lora.LoraLayer` applies the unscaled
 drop and folds ``1 / q`` into the adapter's scaling.
@@ -25,6 +26,7 @@ drop and folds ``1 / q`` into the adapter's scaling.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -36,6 +38,7 @@ _MASK_LEVELS = 1 << 16
 _GAPS_MAX_P = 0.125
 # the gaps draw takes this many standard deviations of the drop count spare, so that one call almost always suffices
 _SPARE_SD = 6.0
+_SALTS = itertools.count()
 
 
 class AdapterDropout(nn.Module):
@@ -45,6 +48,7 @@ class AdapterDropout(nn.Module):
     def __init__(self, p: float) -> None:
         super().__init__()
         self.p = p
+        self._salt = next(_SALTS)  # tells this module's compiled draws apart from its siblings' (no CSE)
 
     def _threshold(self) -> int:
         return min(max(1, round(self.p * _MASK_LEVELS)), _MASK_LEVELS - 1)
@@ -64,29 +68,14 @@ class AdapterDropout(nn.Module):
 
     def positions(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """The ascending flat indices (int64, CPU) of the elements dropped among ``n``: geometric gaps
-        between drops, 32 random bits per drop (plus ~6 standard deviations spare, drawn in the same
-        call; a shortfall draws again from where it stopped)."""
-        p = self._threshold() / _MASK_LEVELS
-        inv_log_q = 1.0 / math.log1p(-p)
-        parts, start = [], 0  # start: the first index not yet decided
-        while True:
-            mean = (n - start) * p
-            k = max(16, int(mean + _SPARE_SD * math.sqrt(mean) + 16))
-            words = torch.empty((k + 1) // 2, dtype=torch.int64).random_(-(1 << 63), None, generator=generator)
-            # V uniform in (0, 1) from 32 bits (float32: each gap's law is exact to ~2**-24);
-            # floor(log V / log q) is the number of kept elements before the next drop
-            v = words.view(torch.int32)[:k].to(torch.float32).mul_(2.0 ** -32).add_(0.5).clamp_(min=2.0 ** -33)
-            at = v.log_().mul_(inv_log_q).floor_().to(torch.int64).add_(1).cumsum_(0).add_(start - 1)
-            last = int(at[-1])
-            if last >= n:
-                parts.append(at[: int(torch.searchsorted(at, n))])
-                return parts[0] if len(parts) == 1 else torch.cat(parts)
-            parts.append(at)
-            start = last + 1
+        between drops, 32 random bits per drop (see :func:`drop_positions`)."""
+        return drop_positions(n, self._threshold(), generator)
 
     def plan(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """One draw for a tensor shaped like ``x``: the dropped flat positions (int64) or a 0/1 mask in
         ``x``'s dtype; :func:`apply_drop` applies it."""
+        if torch.compiler.is_compiling() and self.uses_gaps(x):  # an opaque op: no per-element rand
+            return torch.ops.lightning_peft.gap_keep_mask(x, self._threshold(), self._salt)
         if torch.compiler.is_compiling() or x.device.type not in ("cpu", "cuda"):
             return (torch.rand(x.shape, device=x.device, generator=generator)
                     >= self._threshold() / _MASK_LEVELS).to(x.dtype)
@@ -119,6 +108,46 @@ class AdapterDropout(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+def drop_positions(n: int, threshold: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The ascending flat indices (int64, CPU) of the elements dropped among ``n`` at
+    ``p = threshold / 65536``: geometric gaps between drops, 32 random bits per drop (plus ~6
+    standard deviations spare, drawn in the same call; a shortfall draws again from where it
+    stopped)."""
+    p = threshold / _MASK_LEVELS
+    inv_log_q = 1.0 / math.log1p(-p)
+    parts, start = [], 0  # start: the first index not yet decided
+    while True:
+        mean = (n - start) * p
+        k = max(16, int(mean + _SPARE_SD * math.sqrt(mean) + 16))
+        words = torch.empty((k + 1) // 2, dtype=torch.int64).random_(-(1 << 63), None, generator=generator)
+        # V uniform in (0, 1) from 32 bits (float32: each gap's law is exact to ~2**-24);
+        # floor(log V / log q) is the number of kept elements before the next drop
+        v = words.view(torch.int32)[:k].to(torch.float32).mul_(2.0 ** -32).add_(0.5).clamp_(min=2.0 ** -33)
+        at = v.log_().mul_(inv_log_q).floor_().to(torch.int64).add_(1).cumsum_(0).add_(start - 1)
+        last = int(at[-1])
+        if last >= n:
+            parts.append(at[: int(torch.searchsorted(at, n))])
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+        parts.append(at)
+        start = last + 1
+
+
+# Under torch.compile the gaps draw is one opaque op that returns the keep mask (bool, so that
+# autograd keeps 1 byte per element, as for a compiled rand mask): the compiler would otherwise
+# draw a random number per element. ``salt`` differs per module, so that siblings fed the same
+# input are not merged into one draw by common-subexpression elimination.
+@torch.library.custom_op("lightning_peft::gap_keep_mask", mutates_args=(), device_types="cpu")
+def _gap_keep_mask(x: torch.Tensor, threshold: int, salt: int) -> torch.Tensor:
+    keep = torch.ones(x.shape, dtype=torch.bool)
+    keep.view(-1).index_fill_(0, drop_positions(x.numel(), threshold), False)
+    return keep
+
+
+@_gap_keep_mask.register_fake
+def _(x: torch.Tensor, threshold: int, salt: int) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=torch.bool, device=x.device)
 
 
 def apply_drop(plan: torch.Tensor, t: torch.Tensor, inplace: bool = False) -> torch.Tensor:
