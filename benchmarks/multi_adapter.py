@@ -13,6 +13,13 @@ of benchmarks/lora_step.py (hidden 256, 4 layers), fp32, ``model.eval()``, forwa
     use_adapter loop  the same with ``use_adapter`` (switches the active adapter only; set_adapter
                       also re-freezes every parameter)
 
+With ``--compile`` two more, under ``torch.compile(fullgraph=True, dynamic=False)`` (inductor) of the
+same model, whose ratios are to the compiled floor:
+
+    compiled floor    the whole batch through one adapter, compiled
+    compiled mixed    the mixed batch, compiled (the rows' adapters reach the graph as a tensor: one
+                      graph for every ids list)
+
 PEFT loads the adapters ours saved (identical weights; the script checks that every method's
 logits agree). Methods are interleaved round-robin, the first method rotating per round; the
 first ``--warmup`` rounds are dropped and the median of the next ``--steps`` is reported; ratios
@@ -22,6 +29,7 @@ round's own method / floor ratio (the two ran seconds apart: steadier on a busy 
     python benchmarks/multi_adapter.py                 # full size: 32 x 16, 32 x 128 and 32 x 1 tokens
     python benchmarks/multi_adapter.py --quick         # smoke test, a few seconds
     python benchmarks/multi_adapter.py --out table.md  # also write the markdown table to a file
+    python benchmarks/multi_adapter.py --compile       # also the compiled floor and mixed batch
 
 On Linux the script re-runs itself once with glibc's allocator thresholds fixed
 (``STEADY_ALLOCATOR``), unless both are already set in the environment.
@@ -43,7 +51,14 @@ import torch
 from lora_step import FULL, QUICK, _quartiles_ms, build_model
 
 METHODS = ("floor", "ours mixed", "PEFT mixed", "PEFT one adapter", "set_adapter loop", "use_adapter loop")
-TARGETS = {"ours mixed": "target <= 1.05", "PEFT mixed": "~1.15 expected", "set_adapter loop": "~1.65 expected"}
+COMPILED = ("compiled floor", "compiled mixed")
+TARGETS = {"ours mixed": "target <= 1.05", "PEFT mixed": "~1.15 expected", "set_adapter loop": "~1.65 expected",
+           "compiled mixed": "target <= 1.05 (of the compiled floor)"}
+
+
+def floor_of(method: str) -> str:
+    """The method a row is divided by: the compiled floor for the compiled rows, else the floor."""
+    return "compiled floor" if method in COMPILED else "floor"
 TARGET_TOKENS = (16, 128)  # the request lengths the targets are set for (other rows: no target)
 
 
@@ -69,8 +84,9 @@ def build(size: dict, seed: int, adapters: int, r: int, alpha: float, directory:
     return ours, theirs.eval(), names
 
 
-def runners(ours, theirs, names: list[str], input_ids: torch.Tensor) -> dict:
-    """``{method: () -> logits [rows, seq, vocab]}``; row n's adapter is names[n % len(names)]."""
+def runners(ours, theirs, names: list[str], input_ids: torch.Tensor, compiled=None) -> dict:
+    """``{method: () -> logits [rows, seq, vocab]}``; row n's adapter is names[n % len(names)];
+    ``compiled``: ``torch.compile(ours)``, which adds the compiled methods."""
     import lightning_peft as lp
 
     ids = [names[n % len(names)] for n in range(input_ids.shape[0])]
@@ -108,8 +124,18 @@ def runners(ours, theirs, names: list[str], input_ids: torch.Tensor) -> dict:
             out[rows] = logits
         return out
 
-    return {"floor": floor, "ours mixed": mixed, "PEFT mixed": peft_mixed, "PEFT one adapter": peft_one,
-            "set_adapter loop": loop, "use_adapter loop": use_loop}
+    fns = {"floor": floor, "ours mixed": mixed, "PEFT mixed": peft_mixed, "PEFT one adapter": peft_one,
+           "set_adapter loop": loop, "use_adapter loop": use_loop}
+    if compiled is not None:
+        def compiled_floor():
+            return compiled(input_ids=input_ids).logits
+
+        def compiled_mixed():
+            with lp.adapter_ids(ours, ids):
+                return compiled(input_ids=input_ids).logits
+
+        fns.update({"compiled floor": compiled_floor, "compiled mixed": compiled_mixed})
+    return fns
 
 
 def check_agreement(fns: dict) -> float:
@@ -117,15 +143,16 @@ def check_agreement(fns: dict) -> float:
     methods from one another (both must be ~0: same weights, same function)."""
     out = {m: fn() for m, fn in fns.items()}
     mixed = max((out[m] - out["ours mixed"]).abs().max().item()
-                for m in ("PEFT mixed", "set_adapter loop", "use_adapter loop"))
-    single = (out["PEFT one adapter"] - out["floor"]).abs().max().item()
+                for m in ("PEFT mixed", "set_adapter loop", "use_adapter loop", "compiled mixed") if m in out)
+    single = max((out[m] - out["floor"]).abs().max().item() for m in ("PEFT one adapter", "compiled floor") if m in out)
     return max(mixed, single)
 
 
 def time_methods(fns: dict, warmup: int, steps: int, verbose: bool) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    methods = tuple(fns)
+    times: dict[str, list[float]] = {m: [] for m in methods}
     for i in range(warmup + steps):
-        order = METHODS[i % len(METHODS):] + METHODS[:i % len(METHODS)]
+        order = methods[i % len(methods):] + methods[:i % len(methods)]
         for m in order:
             start = time.perf_counter()
             fns[m]()
@@ -134,21 +161,22 @@ def time_methods(fns: dict, warmup: int, steps: int, verbose: bool) -> dict[str,
                 times[m].append(elapsed)
         if verbose:
             print(f"round {i + 1}/{warmup + steps}: " + ", ".join(
-                f"{m} {times[m][-1] * 1e3:.1f}" for m in METHODS if i >= warmup) + " ms", file=sys.stderr)
+                f"{m} {times[m][-1] * 1e3:.1f}" for m in methods if i >= warmup) + " ms", file=sys.stderr)
     return times
 
 
 def table(rows: list[tuple[int, int, dict]]) -> str:
     """``/ floor``: median over median; ``per round``: the median of the rounds' own ratios (the
-    floor and the method ran back to back, so a busy machine disturbs this one less)."""
+    floor and the method ran back to back, so a busy machine disturbs this one less). Compiled
+    rows are divided by the compiled floor."""
     lines = ["| requests x tokens | method | median ms | p25-p75 ms | / floor | per round | note |",
              "|---|---|---:|---:|---:|---:|---|"]
     for requests, seq, times in rows:
-        floor = statistics.median(times["floor"])
-        for m in METHODS:
+        for m in times:
+            floor = statistics.median(times[floor_of(m)])
             med = statistics.median(times[m])
             lo, hi = _quartiles_ms(times[m])
-            paired = statistics.median(t / f for t, f in zip(times[m], times["floor"]))
+            paired = statistics.median(t / f for t, f in zip(times[m], times[floor_of(m)]))
             lines.append(f"| {requests} x {seq} | {m} | {med * 1e3:.1f} | {lo:.1f}-{hi:.1f} | "
                          f"{med / floor:.2f} | {paired:.2f} | {TARGETS.get(m, '') if seq in TARGET_TOKENS else ''} |")
     return "\n".join(lines) + "\n"
@@ -168,6 +196,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", action="store_true", help="print per-round times to stderr")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the floor and the mixed batch under torch.compile (inductor; compiling takes minutes)")
     args = parser.parse_args(argv)
     steps = args.steps if args.steps is not None else (3 if args.quick else 30)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
@@ -180,10 +210,11 @@ def main(argv=None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         ours, theirs, names = build(size, args.seed, args.adapters, args.r, args.alpha, Path(tmp))
+        compiled = torch.compile(ours, fullgraph=True, dynamic=False) if args.compile else None
         for seq in tokens:
             gen = torch.Generator().manual_seed(args.seed + seq)
             input_ids = torch.randint(0, size["vocab"], (requests, seq), generator=gen)
-            fns = runners(ours, theirs, names, input_ids)
+            fns = runners(ours, theirs, names, input_ids, compiled)
             diff = check_agreement(fns)
             if diff > 1e-4:
                 raise SystemExit(f"methods disagree at {requests} x {seq} tokens (max abs logit diff {diff:.2e})")
@@ -198,7 +229,7 @@ def main(argv=None) -> None:
           f"r={args.r} round-robin over {requests} requests; fp32 forward, no_grad; median of {steps} interleaved "
           f"rounds after {warmup} warm-up")
     print(text, end="")
-    noisy = sorted({f"{m} at {seq} tokens" for _, seq, times in rows for m in METHODS
+    noisy = sorted({f"{m} at {seq} tokens" for _, seq, times in rows for m in times
                     if (q := _quartiles_ms(times[m]))[1] > 1.5 * q[0]})
     if noisy:
         print(f"# warning: wide spread for {', '.join(noisy)} (p75 > 1.5 x p25): the machine was busy during this "

@@ -15,10 +15,14 @@ from lightning_peft.methods.dropout import AdapterDropout
 from lightning_peft.methods.lora import LoraLayer as _Lora
 
 
-def _layer(p: float, bias: bool = True, dtype=torch.float32, in_f: int = 48, out_f: int = 40) -> LoraLayer:
+def _layer(p: float, bias: bool = True, dtype=torch.float32, in_f: int = 48, out_f: int = 40,
+           dora: bool = False) -> LoraLayer:
     torch.manual_seed(0)
     layer = LoraLayer(nn.Linear(in_f, out_f, bias=bias).to(dtype).requires_grad_(False))
-    layer.add_adapter("a", r=6, lora_alpha=12, lora_dropout=p, init_lora_weights=False)
+    layer.add_adapter("a", r=6, lora_alpha=12, lora_dropout=p, init_lora_weights=False, use_dora=dora)
+    if dora:  # a magnitude away from the row norms, so that m / n is not all ones
+        with torch.no_grad():
+            layer.lora_magnitude_vector["a"].mul_(torch.rand(out_f) + 0.5)
     layer.active_adapter = "a"
     return layer.train()
 
@@ -29,19 +33,21 @@ def _run(layer: LoraLayer, x: torch.Tensor, upstream: torch.Tensor, seed: int = 
     out = layer(x)
     node = type(out.grad_fn).__name__
     out.backward(upstream)
-    A, B = layer.lora_A["a"].weight, layer.lora_B["a"].weight
-    grads = (x.grad, A.grad.clone(), B.grad.clone())
-    A.grad = B.grad = None
+    params = [layer.lora_A["a"].weight, layer.lora_B["a"].weight, *layer.lora_magnitude_vector.values()]
+    grads = (x.grad, *(t.grad.clone() for t in params))
+    for t in params:
+        t.grad = None
     return out.detach(), grads, node
 
 
 @pytest.mark.parametrize("p", [0.0, 0.05, 0.5])  # none, the gaps draw, the bits draw
 @pytest.mark.parametrize("bias", [True, False])
-def test_fused_node_matches_float64_values_and_gradients(p, bias):
-    layer = _layer(p, bias)
+@pytest.mark.parametrize("dora", [False, True])
+def test_fused_node_matches_float64_values_and_gradients(p, bias, dora):
+    layer = _layer(p, bias, dora=dora)
     x = torch.randn(3, 70, 48)
     upstream = torch.randn(3, 70, 40)
-    out, (dx, dA, dB), node = _run(layer, x, upstream)
+    out, grads, node = _run(layer, x, upstream)
     assert node == "FusedLoraLinearBackward"
     drop = layer.lora_dropout["a"]
     torch.manual_seed(11)
@@ -54,18 +60,27 @@ def test_fused_node_matches_float64_values_and_gradients(p, bias):
     A = layer.lora_A["a"].weight.detach().double().requires_grad_()
     B = layer.lora_B["a"].weight.detach().double().requires_grad_()
     xd = x.double().requires_grad_()
-    reference = xd @ W.T + b + layer.scaling["a"] * ((xd * mask / q) @ A.T @ B.T)
+    s = layer.scaling["a"]
+    unscaled = xd @ W.T + s * ((xd * mask / q) @ A.T @ B.T)
+    references = [xd, A, B]
+    if dora:  # m / ||W + s B A|| per output row, the norm a constant
+        m = layer.lora_magnitude_vector["a"].detach().double().requires_grad_()
+        references.append(m)
+        unscaled = unscaled * (m / (W + s * B.detach() @ A.detach()).norm(dim=1))
+    reference = unscaled + b
     reference.backward(upstream.double())
     assert rel_err(out, reference) <= 1e-6
-    for ours, theirs in ((dx, xd.grad), (dA, A.grad), (dB, B.grad)):
-        assert rel_err(ours, theirs) <= 1e-6
+    assert len(grads) == len(references)
+    for ours, theirs in zip(grads, references):
+        assert rel_err(ours, theirs.grad) <= 1e-6
 
 
 @pytest.mark.parametrize("p", [0.0, 0.05, 0.5])
-def test_fused_equals_plain_autograd_path(monkeypatch, p):
+@pytest.mark.parametrize("dora", [False, True])
+def test_fused_equals_plain_autograd_path(monkeypatch, p, dora):
     """Same RNG state, the fused node and the plain expression: same output and gradients (the plain
     path is what every other layer kind and compiled code run)."""
-    layer = _layer(p)
+    layer = _layer(p, dora=dora)
     x, upstream = torch.randn(2, 33, 48), torch.randn(2, 33, 40)
     fused = _run(layer, x, upstream)
     monkeypatch.setattr(_Lora, "_fusable", lambda self, x: False)
@@ -77,7 +92,7 @@ def test_fused_equals_plain_autograd_path(monkeypatch, p):
 
 
 def test_fused_node_only_where_equivalent():
-    """Taken in training; not under no_grad, nor with DoRA, lora_bias, a trainable base bias, a hook
+    """Taken in training (DoRA too); not under no_grad, nor with lora_bias, a trainable base bias, a hook
     on the base layer, autocast or a disabled adapter; a
     dtype mismatch fails as nn.Linear does."""
     x = torch.randn(4, 48)
@@ -93,7 +108,7 @@ def test_fused_node_only_where_equivalent():
     dora = LoraLayer(nn.Linear(48, 40).requires_grad_(False))
     dora.add_adapter("a", r=4, lora_alpha=8, use_dora=True)
     dora.active_adapter = "a"
-    assert node(dora) != "FusedLoraLinearBackward"
+    assert node(dora) == "FusedLoraLinearBackward"
     biased = LoraLayer(nn.Linear(48, 40).requires_grad_(False))
     biased.add_adapter("a", r=4, lora_alpha=8, lora_bias=True)
     biased.active_adapter = "a"

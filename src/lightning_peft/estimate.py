@@ -38,7 +38,9 @@ width of k and v, ``i`` intermediate size, ``r`` the LoRA rank:
                                    whose adapters compute in the activations' dtype (a = c)
               a sum(in)            LoRA otherwise: each adapted layer keeps its own input (a
                                    dropped-out copy, or the cast to the adapters' dtype); the dropout
-                                   mask is not kept (backward draws it again); sum(in) adds the
+                                   mask is not kept (backward draws it again; on the CPU a float
+                                   base's fused LoRA layer keeps the dropped positions instead,
+                                   4 p bytes per element, not counted); sum(in) adds the
                                    in_features of the adapted layers, 6 h + i for all linear ones
     full:   + 2 c h                the normalized input each RMSNorm weight needs for its gradient
     LoRA:   + a r per adapted layer           A x, kept for B's gradient

@@ -13,8 +13,9 @@ Saved for backward: ``x`` (which the previous layer's output already is: no new 
 (``[tokens, r]``) and the weights; the dropout draw is replayed from the generator state recorded
 at forward (:mod:`.dropout`), never stored. :meth:`LoraLayer.forward` takes this path only where it
 computes the same thing as the plain expression: a float ``nn.Linear`` base with frozen weight and
-bias and no hooks, a LoRA adapter without DoRA or ``lora_bias``, matching dtypes and no autocast,
-outside ``torch.compile`` (the compiler fuses the plain expression itself).
+bias and no hooks, an adapter without ``lora_bias``, matching dtypes and no autocast, outside
+``torch.compile`` (the compiler fuses the plain expression itself). DoRA runs through the same node:
+its column scale ``m / n`` is applied to the output and, in backward, to the incoming gradient.
 """
 
 from __future__ import annotations
@@ -26,15 +27,17 @@ from .dropout import AdapterDropout, apply_drop, device_generator, replay_genera
 
 
 class FusedLoraLinear(torch.autograd.Function):
-    """``x W^T + b + s (drop(x) A^T) B^T`` with a hand-written backward (see the module docstring).
-    ``dropout`` is an active :class:`AdapterDropout` (its unscaled draw; ``scaling`` then carries
-    the ``1 / q``) or None."""
+    """``x W^T + b + s (drop(x) A^T) B^T`` with a hand-written backward (see the module docstring);
+    DoRA when ``magnitude`` is given: ``m / n * (x W^T + s (drop(x) A^T) B^T) + b`` with the row
+    norms ``n = ||W + s B A||`` computed by the caller without gradient. ``dropout`` is an active
+    :class:`AdapterDropout` (its unscaled draw; ``scaling`` then carries the ``1 / q``) or None."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
-                B: torch.Tensor, scaling: float, dropout: AdapterDropout | None) -> torch.Tensor:
+                B: torch.Tensor, scaling: float, dropout: AdapterDropout | None,
+                magnitude: torch.Tensor | None = None, norm: torch.Tensor | None = None) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        out = F.linear(flat, weight, bias)
+        out = F.linear(flat, weight, bias if magnitude is None else None)
         ctx.positions = ctx.state = None
         if dropout is None:
             dropped = flat
@@ -48,17 +51,28 @@ class FusedLoraLinear(torch.autograd.Function):
                 ctx.positions = plan.to(torch.int32) if flat.numel() < 1 << 31 else plan
         shrunk = dropped.mm(A.t())
         out.addmm_(shrunk, B.t(), alpha=scaling)
-        ctx.save_for_backward(dropped, weight, A, B, shrunk)  # dropped: x itself without dropout
+        extra = ()
+        if magnitude is not None:  # DoRA: scale the columns; the unscaled output is m's gradient's
+            scale = (magnitude / norm.to(magnitude.dtype)).to(out.dtype)
+            extra = (out, scale, norm)
+            out = out * scale if bias is None else torch.addcmul(bias, out, scale)
+        # dropped: x itself without dropout
+        ctx.save_for_backward(dropped, weight, A, B, shrunk, *extra)
         ctx.scaling, ctx.dropout, ctx.x_shape = scaling, dropout, x.shape
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        dropped, weight, A, B, shrunk = ctx.saved_tensors
-        need_x, _, _, need_A, need_B = ctx.needs_input_grad[:5]
+        dropped, weight, A, B, shrunk, *extra = ctx.saved_tensors
+        need_x, _, _, need_A, need_B, _, _, need_m, _ = (*ctx.needs_input_grad, False, False)[:9]
         g = grad.reshape(-1, grad.shape[-1])
-        dx = dA = dB = None
+        dx = dA = dB = dm = None
+        if extra:  # DoRA: m's gradient from the unscaled output, then the rest sees g * m / n
+            unscaled, scale, norm = extra
+            if need_m:
+                dm = (g * unscaled).sum(0).div_(norm.to(g.dtype))
+            g = g * scale
         if need_B:
             dB = shrunk.t().mm(g).t().mul_(ctx.scaling)
         if need_x or need_A:
@@ -75,4 +89,4 @@ class FusedLoraLinear(torch.autograd.Function):
                         plan = ctx.dropout.plan(dropped, replay_generator(dropped.device, ctx.state))
                     dx = apply_drop(plan, g_h.mm(A), inplace=True).addmm_(g, weight)
                 dx = dx.view(ctx.x_shape)
-        return dx, None, None, dA, dB, None, None
+        return (dx, None, None, dA, dB, None, None, dm, None)[:len(ctx.needs_input_grad)]

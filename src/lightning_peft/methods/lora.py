@@ -343,8 +343,12 @@ class LoraLayer(MixedBatchMixin, WeightLayer):
             else:
                 dropout = None
             base = self.base_layer
+            dora = ()
+            if name in self.lora_magnitude_vector:  # the row norms are constants (detached)
+                with torch.no_grad():
+                    dora = (self.lora_magnitude_vector[name], self.dora_row_norm(name))
             return FusedLoraLinear.apply(x, base.weight, base.bias, self.lora_A[name].weight,
-                                         self.lora_B[name].weight, scaling, dropout)
+                                         self.lora_B[name].weight, scaling, dropout, *dora)
         result = self.base_layer(x, *args, **kwargs)
         name = self.active_adapter
         if self.disabled or name is None or name not in self.scaling or name in self.merged:
@@ -389,14 +393,16 @@ class LoraLayer(MixedBatchMixin, WeightLayer):
         name = self.active_adapter
         if (not torch.is_grad_enabled() or self.disabled or name is None or name not in self.scaling
                 or name in self.merged or self.kind != "linear" or self.transposed or self.quantized
-                or type(self.base_layer) is not nn.Linear or name in self.lora_magnitude_vector):
+                or type(self.base_layer) is not nn.Linear):
             return False
         A, B = self.lora_A[name], self.lora_B[name]
         weight, bias = self.base_layer.weight, self.base_layer.bias
         dropout = type(self.lora_dropout[name])
+        magnitude = self.lora_magnitude_vector[name] if name in self.lora_magnitude_vector else A.weight
         return (B.bias is None and (dropout is nn.Identity or dropout is AdapterDropout)
+                and magnitude.dtype == A.weight.dtype
                 and not weight.requires_grad and (bias is None or not bias.requires_grad)
-                and (x.requires_grad or A.weight.requires_grad or B.weight.requires_grad)
+                and (x.requires_grad or A.weight.requires_grad or B.weight.requires_grad or magnitude.requires_grad)
                 and x.dtype == weight.dtype == A.weight.dtype == B.weight.dtype
                 and x.device.type in ("cpu", "cuda") and not torch.is_autocast_enabled(x.device.type)
                 and not self._base_hooked())
