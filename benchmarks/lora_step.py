@@ -18,6 +18,10 @@ and the p25-p75 ms of the variant's own steps beside it.
     python benchmarks/lora_step.py --compile           # eager and compiled columns (compiling takes minutes)
     python benchmarks/lora_step.py --quick             # smoke test, a few seconds
     python benchmarks/lora_step.py --out table.md      # also write the markdown table to a file
+
+The last line is the bound: the frozen base's step plus LoRA's six matmuls per adapted layer
+timed alone in this model's shapes (warm caches, no autograd): what no implementation of LoRA
+beats on this machine.
 """
 
 from __future__ import annotations
@@ -138,6 +142,9 @@ def run(args) -> tuple[dict, dict, dict]:
     for row, model in models.items():
         variants[key(row, False)] = (model, params[row])
     if args.compile:
+        # the 8 models share transformers' code objects, and Dynamo keeps at most recompile_limit
+        # (default 8) graphs per code object: past it a model would silently run eager
+        torch._dynamo.config.recompile_limit = 64
         for row, model in models.items():
             variants[key(row, True)] = (torch.compile(model), params[row])
     names = list(variants)
@@ -169,7 +176,38 @@ def run(args) -> tuple[dict, dict, dict]:
         base = times[f"model | {BASE} | {v.rsplit(' | ', 1)[1]}"]
         per_round[v] = statistics.median(t / b for t, b in zip(ts, base))
     return medians, quartiles, dict(size=size, counts={key(row, False): c for row, c in counts.items()}, diff=diff,
-                                    per_round=per_round)
+                                    per_round=per_round, matmuls_ms=lora_matmuls_ms(size, args.r))
+
+
+def lora_matmuls_ms(size: dict, r: int, reps: int = 30) -> float:
+    """The bound no implementation beats: the time of LoRA's own six matmuls per adapted layer (forward
+    ``x A^T`` and ``+= h B^T``; backward ``g^T h``, ``g B``, ``g_h^T x``, ``+= g_h A``), each layer
+    shape of the model at this batch, timed alone (median of ``reps``; warm caches, no autograd)."""
+    n, h, i = size["batch"] * size["seq"], size["hidden"], size["intermediate"]
+    kv = h * size["kv_heads"] // size["heads"]
+    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]  # q k v o gate up down: (in, out)
+    total = 0.0
+    for fan_in, fan_out in shapes:
+        x, g = torch.randn(n, fan_in), torch.randn(n, fan_out)
+        A, B = torch.randn(r, fan_in), torch.randn(fan_out, r)
+        out, dx, h_, g_h = torch.randn(n, fan_out), torch.randn(n, fan_in), torch.randn(n, r), torch.randn(n, r)
+
+        def six():
+            x.mm(A.t())
+            out.addmm_(h_, B.t())
+            g.t().mm(h_)
+            g.mm(B)
+            g_h.t().mm(x)
+            dx.addmm_(g_h, A)
+
+        samples = []
+        for k in range(reps + 3):
+            start = time.perf_counter()
+            six()
+            if k >= 3:
+                samples.append(time.perf_counter() - start)
+        total += statistics.median(samples)
+    return total * size["layers"] * 1e3
 
 
 def _quartiles_ms(seconds: list[float]) -> tuple[float, float]:
@@ -260,6 +298,9 @@ def main(argv=None) -> None:
     print(text, end="")
     for line in summary(medians, args.compile):
         print(line)
+    floor = medians[f"model | {BASE} | eager"]
+    print(f"# bound: the frozen base plus LoRA's six matmuls per layer timed alone ({info['matmuls_ms']:.1f} ms "
+          f"against the eager floor's {floor:.0f} ms) = {1 + info['matmuls_ms'] / floor:.3f}x")
     noisy = [v for v, (lo, hi) in quartiles.items() if hi > 1.5 * lo]
     if noisy:
         print(f"# warning: wide spread for {', '.join(noisy)} (p75 > 1.5 x p25): the machine was busy "

@@ -276,3 +276,22 @@ def _recording_backend(ops: list):
         return make_boxed_func(gm)
 
     return aot_autograd(fw_compiler=forward_compiler, bw_compiler=lambda gm, _: make_boxed_func(gm))
+
+
+def test_compiled_dropout_does_not_recompile_per_layer():
+    """Compiling a Llama whose decoder layers are separate frames (no fullgraph): with the gaps dropout
+    every layer reuses its frame's graph, as without dropout (an int salt on the module was a
+    constant per layer: one recompilation per layer, and Dynamo's limit of 8 ran out)."""
+    x = torch.randint(0, 128, (2, 16))
+    graphs = {}
+    for p in (0.0, 0.05):
+        dynamo.reset()
+        counters.clear()
+        model = lp.inject_adapters(tiny_llama(layers=4), lp.LoraConfig(r=4, lora_dropout=p, target_modules="all-linear"))
+        model.train()
+        compiled = torch.compile(model, backend="eager")
+        compiled(input_ids=x).logits.sum().backward()
+        compiled(input_ids=x).logits.sum().backward()
+        graphs[p] = _graphs()
+        assert not counters["stats"].get("recompile_limit_hit")
+    assert graphs[0.05] == graphs[0.0], graphs

@@ -48,7 +48,9 @@ class AdapterDropout(nn.Module):
     def __init__(self, p: float) -> None:
         super().__init__()
         self.p = p
-        self._salt = next(_SALTS)  # tells this module's compiled draws apart from its siblings' (no CSE)
+        # tells this module's compiled draws apart from its siblings' (no CSE); a tensor, not an int,
+        # so that torch.compile neither specializes on it nor recompiles per module
+        self.register_buffer("_salt", torch.tensor(next(_SALTS)), persistent=False)
 
     def _threshold(self) -> int:
         return min(max(1, round(self.p * _MASK_LEVELS)), _MASK_LEVELS - 1)
@@ -136,17 +138,17 @@ def drop_positions(n: int, threshold: int, generator: torch.Generator | None = N
 
 # Under torch.compile the gaps draw is one opaque op that returns the keep mask (bool, so that
 # autograd keeps 1 byte per element, as for a compiled rand mask): the compiler would otherwise
-# draw a random number per element. ``salt`` differs per module, so that siblings fed the same
-# input are not merged into one draw by common-subexpression elimination.
+# draw a random number per element. ``salt`` is a different tensor per module, so that siblings fed
+# the same input are not merged into one draw by common-subexpression elimination.
 @torch.library.custom_op("lightning_peft::gap_keep_mask", mutates_args=(), device_types="cpu")
-def _gap_keep_mask(x: torch.Tensor, threshold: int, salt: int) -> torch.Tensor:
+def _gap_keep_mask(x: torch.Tensor, threshold: int, salt: torch.Tensor) -> torch.Tensor:
     keep = torch.ones(x.shape, dtype=torch.bool)
     keep.view(-1).index_fill_(0, drop_positions(x.numel(), threshold), False)
     return keep
 
 
 @_gap_keep_mask.register_fake
-def _(x: torch.Tensor, threshold: int, salt: int) -> torch.Tensor:
+def _(x: torch.Tensor, threshold: int, salt: torch.Tensor) -> torch.Tensor:
     return torch.empty(x.shape, dtype=torch.bool, device=x.device)
 
 

@@ -153,7 +153,7 @@ class LoraLayer(MixedBatchMixin, WeightLayer):
         else:
             self.lora_A[name] = nn.Linear(in_features, r, bias=False, **factory)
             self.lora_B[name] = nn.Linear(r, out_features, bias=lora_bias, **factory)
-        self.lora_dropout[name] = AdapterDropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_dropout[name] = AdapterDropout(lora_dropout).to(factory["device"]) if lora_dropout > 0 else nn.Identity()
         self.scaling[name] = lora_scaling(lora_alpha, r, use_rslora)
         self.clear_stack_cache()
         self._init_weights(name, init_lora_weights)

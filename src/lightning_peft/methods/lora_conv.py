@@ -112,7 +112,7 @@ class LoraConvLayer(LoraLayer):
         self.lora_A[name] = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
                                  bias=False, padding_mode=base.padding_mode, **factory)
         self.lora_B[name] = conv(r, base.out_channels, ones, ones, groups=base.groups, bias=lora_bias, **factory)
-        self.lora_dropout[name] = AdapterDropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_dropout[name] = AdapterDropout(lora_dropout).to(factory["device"]) if lora_dropout > 0 else nn.Identity()
         self.scaling[name] = lora_scaling(lora_alpha, r, use_rslora)
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         with torch.no_grad():
