@@ -126,10 +126,11 @@ def test_dropout_scale_with_dora_and_lora_bias(kind):
     assert rel_err(out, reference) <= 1e-6
 
 
-def test_model_layers_draw_independent_masks_and_resume_exactly(monkeypatch):
+@pytest.mark.parametrize("p", [0.05, 0.3])  # the gaps draw (through the fused node), the bits draw
+def test_model_layers_draw_independent_masks_and_resume_exactly(monkeypatch, p):
     """In a model every adapted layer draws its own mask (q and k see the same input, not the same
     mask), each step draws new ones, and restoring the RNG state replays a step bit for bit."""
-    model = lp.inject_adapters(tiny_llama(), lp.LoraConfig(r=4, lora_dropout=0.3, target_modules=["q_proj", "k_proj"]))
+    model = lp.inject_adapters(tiny_llama(), lp.LoraConfig(r=4, lora_dropout=p, target_modules=["q_proj", "k_proj"]))
     model.train()
     masks = []
     original = AdapterDropout.plan
