@@ -18,9 +18,10 @@ Both come from the global torch generator of ``x``'s device: the same RNG state 
 masks (exact resume; :meth:`AdapterDropout.mask` gives the mask a state draws), and every layer and
 step draws fresh ones. Inside ``torch.compile`` the gaps draw is one opaque op returning a bool
 mask (``lightning_peft::gap_keep_mask``); elsewhere the mask is ``rand >= p``, which the compiler
-fuses into its kernel. Neither draw is kept for backward: backward draws it
-again from the generator state recorded at forward (:class:`_RedrawnDrop`), so adapter dropout
-adds no activation memory. :class:`~lightning_peft.methods.lora.LoraLayer` applies the unscaled
+fuses into its kernel. :meth:`AdapterDropout.drop` keeps neither draw for backward: backward
+draws it again from the generator state recorded at forward (:class:`_RedrawnDrop`), so it adds
+no activation memory. The fused LoRA node (:mod:`.fused`) keeps the gaps draw's positions instead
+(int32, ``4 p`` bytes per element: cheaper than drawing again) and redraws a bits mask. :class:`~lightning_peft.methods.lora.LoraLayer` applies the unscaled
 drop and folds ``1 / q`` into the adapter's scaling.
 """
 

@@ -12,7 +12,9 @@ computed once and reused: with dropout off this is exactly DoRA; with dropout on
 second base matmul that HF PEFT pays (docs/architecture.md, "Lightning's call order, and its traps"). The expand and the add are one
 ``addmm`` when the dtypes agree: in place into the base layer's fresh output under ``no_grad``,
 unless a forward hook could hold that output (a hook on the base layer, or a global one: an
-activation capture must see the base output, not the adapted one).
+activation capture must see the base output, not the adapted one). In eager training over a float
+``nn.Linear`` the whole layer, LoRA or DoRA, is one autograd node with a hand-written backward
+(:mod:`lightning_peft.methods.fused`; docs/architecture.md, "The LoRA training step").
 
 Three base layers are wrapped, all through the same ``[out, in]`` view of the weight:
 ``nn.Linear`` (stored ``[out, in]``), transformers' ``Conv1D`` (GPT-2, stored ``[in, out]``,
