@@ -75,11 +75,12 @@ class AdapterDropout(nn.Module):
         return drop_positions(n, self._threshold(), generator)
 
     def plan(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One draw for a tensor shaped like ``x``: the dropped flat positions (int64) or a 0/1 mask in
-        ``x``'s dtype; :func:`apply_drop` applies it."""
-        if torch.compiler.is_compiling() and self.uses_gaps(x):  # an opaque op: no per-element rand
+        """One draw for a tensor shaped like ``x``: the dropped flat positions (int64), or a keep mask
+        (0/1 in ``x``'s dtype; bool from the compiled gaps op); :func:`apply_drop` applies it."""
+        compiling = torch.compiler.is_compiling()
+        if compiling and self.uses_gaps(x):  # an opaque op: no per-element rand
             return torch.ops.lightning_peft.gap_keep_mask(x, self._threshold(), self._salt)
-        if torch.compiler.is_compiling() or x.device.type not in ("cpu", "cuda"):
+        if compiling or x.device.type not in ("cpu", "cuda"):
             return (torch.rand(x.shape, device=x.device, generator=generator)
                     >= self._threshold() / _MASK_LEVELS).to(x.dtype)
         if self.uses_gaps(x):
